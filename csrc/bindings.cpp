@@ -1,0 +1,61 @@
+// The one place that registers parallelkit._C: pybind11 functions for Python-only helpers, and
+// TORCH_LIBRARY ops (torch.ops.parallelkit.*) for anything a model calls, so torch.compile and
+// opcheck see them.
+#include <torch/csrc/utils/pybind.h>  // casters for at::Tensor, torch.device, ProcessGroup holders
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "attention_merge/merge.h"
+#include "distributed/group_membership.h"
+
+namespace {
+
+#ifdef PARALLELKIT_WITH_CUDA
+constexpr bool kCudaCompiled = true;
+constexpr const char* kCudaArches = PARALLELKIT_CUDA_ARCHES;  // "9.0;10.0", set by setup.py
+#else
+constexpr bool kCudaCompiled = false;
+constexpr const char* kCudaArches = "";
+#endif
+
+std::vector<std::string> cuda_arches() {
+  std::vector<std::string> arches;
+  std::istringstream list(kCudaArches);
+  for (std::string arch; std::getline(list, arch, ';');) {
+    if (!arch.empty()) arches.push_back(arch);
+  }
+  return arches;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "parallelkit native extension; use it through parallelkit.ops and parallelkit.build_info";
+  // Collective: the GIL is released so other Python threads (a harness watchdog, a dataloader)
+  // run while this rank waits for the rest of the group.
+  m.def("group_membership", &parallelkit::group_membership, py::arg("pg"),
+        py::arg("global_rank"), py::arg("world_size"), py::arg("device"),
+        py::call_guard<py::gil_scoped_release>(),
+        "[world_size] int64 tensor on device (a torch.device), 1 at each global rank in pg.");
+  m.def("cuda_compiled", [] { return kCudaCompiled; }, "Whether the CUDA kernels were built.");
+  m.def("cuda_arches", &cuda_arches, "TORCH_CUDA_ARCH_LIST entries compiled, e.g. ['9.0'].");
+}
+
+TORCH_LIBRARY(parallelkit, m) {
+  m.def("merge_attention_partials_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, "
+        "Tensor block_lse) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(parallelkit, CPU, m) {
+  m.impl("merge_attention_partials_", &parallelkit::merge_attention_partials_cpu);
+}
+
+#ifdef PARALLELKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(parallelkit, CUDA, m) {
+  m.impl("merge_attention_partials_", &parallelkit::merge_attention_partials_cuda);
+}
+#endif

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as parallelkit.kernels; a kernel never sees a process group."""

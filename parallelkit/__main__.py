@@ -1,0 +1,50 @@
+"""Command line: ``python -m parallelkit {layout,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parallelkit", description=__doc__)
+    jobs = parser.add_subparsers(dest="job", required=True)
+
+    layout = jobs.add_parser("layout", help="create the TP/PP/DP/CP groups on N ranks and prove "
+                                            "each one with an all-reduce")
+    layout.add_argument("--world", type=int, default=8,
+                        help="local gloo processes to fork (ignored under torchrun)")
+    layout.add_argument("--tp", type=int, default=1)
+    layout.add_argument("--pp", type=int, default=1)
+    layout.add_argument("--cp", type=int, default=1)
+    layout.add_argument("--order", default="tp-cp-dp-pp",
+                        help="axes from fastest- to slowest-varying rank (Megatron's order)")
+    layout.add_argument("--dry-run", action="store_true",
+                        help="print the rank map only; start no processes")
+
+    jobs.add_parser("info", help="what was compiled: torch, CUDA arches, Triton")
+
+    args = parser.parse_args(argv)
+    if args.job == "info":
+        from parallelkit.about import format_build_info
+
+        print(format_build_info())
+        return 0
+    from parallelkit.demos import layout as layout_demo
+    from parallelkit.distributed.mpu import describe
+    from parallelkit.distributed.rank_groups import Layout
+
+    world = int(os.environ.get("WORLD_SIZE", args.world))  # torchrun decides the world size
+    try:  # validate up front: a bad size is one clear line, not eight tracebacks
+        planned = Layout.create(world, tp=args.tp, pp=args.pp, cp=args.cp, order=args.order)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.dry_run:
+        print(describe(planned))
+        return 0
+    return 0 if layout_demo.run(args.world, args.tp, args.pp, args.cp, args.order) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

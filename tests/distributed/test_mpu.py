@@ -1,0 +1,147 @@
+"""The MPU on 8 gloo ranks: groups, membership proven by collectives, getters, mesh, re-init."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallelkit import mpu
+from parallelkit.distributed import comm
+from parallelkit.distributed.rank_groups import GROUP_KINDS, rank_groups
+from parallelkit.testing import run_on_ranks
+
+LAYOUTS = [  # (tp, pp, cp, order) on 8 ranks
+    (2, 2, 2, "tp-cp-dp-pp"),
+    (2, 1, 2, "tp-cp-dp-pp"),
+    (2, 2, 1, "tp-pp-dp-cp"),
+    (1, 4, 1, "pp-dp-tp-cp"),
+]
+
+
+def _check_groups(tp, pp, cp, order):
+    state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order)
+    rank = dist.get_rank()
+    expected = rank_groups(8, tp=tp, pp=pp, cp=cp, order=order)
+    described = {line.split()[0]: line for line in mpu.describe().splitlines()
+                 if line.strip() and line.split()[0] in GROUP_KINDS}
+    mine = {}
+    for kind in GROUP_KINDS:
+        owners = [g for g in expected[kind] if rank in g]
+        if kind == "embedding" and not owners:  # a middle pipeline stage
+            assert not mpu.is_in_embedding_group()
+            with pytest.raises(ValueError, match=r"holds no embedding"):
+                mpu.get_embedding_group()
+            mine[kind] = []
+            continue
+        info = state.info(kind)
+        [own] = owners
+        assert list(info.ranks) == own, kind
+        assert str(own).replace(" ", "") in described[kind].split(), kind
+        assert dist.get_process_group_ranks(info.group) == own, kind
+        assert (info.rank, info.size) == (dist.get_rank(info.group), dist.get_world_size(info.group))
+        # A collective on the group reaches exactly its members, and each of them once.
+        assert comm.group_members(info.group) == own, kind
+        total = torch.tensor([float(rank)], dtype=torch.float64)
+        dist.all_reduce(total, group=info.group)
+        assert total.item() == sum(own), kind
+        mine[kind] = own
+    pp_ranks = mine["pp"]
+    i = pp_ranks.index(rank)
+    assert mpu.get_pipeline_next_rank() == pp_ranks[(i + 1) % pp]
+    assert mpu.get_pipeline_prev_rank() == pp_ranks[(i - 1) % pp]
+    assert mpu.is_pipeline_first_stage() == (i == 0)
+    assert mpu.is_pipeline_last_stage() == (i == pp - 1)
+    assert (mpu.get_tp_rank(), mpu.get_tp_world_size()) == (mine["tp"].index(rank), tp)
+    assert (mpu.get_cp_rank(), mpu.get_cp_world_size()) == (mine["cp"].index(rank), cp)
+    assert (mpu.get_dp_rank(), mpu.get_dp_world_size()) == (mine["dp"].index(rank), 8 // (tp * pp * cp))
+    assert mpu.get_dp_group(with_context_parallel=True) is state.dp_cp.group
+    return mine
+
+
+@pytest.mark.parametrize("tp, pp, cp, order", LAYOUTS)
+def test_groups_on_8_ranks(tp, pp, cp, order):
+    per_rank = run_on_ranks(_check_groups, 8, tp, pp, cp, order, timeout=120)
+    for kind in GROUP_KINDS:
+        distinct = sorted({tuple(groups[kind]) for groups in per_rank} - {()})
+        members = sorted(r for g in distinct for r in g)
+        if kind != "embedding":
+            assert members == list(range(8)), kind
+        else:  # first and last stage of each pipeline only
+            pipelines = {tuple(groups["pp"]) for groups in per_rank}
+            assert members == sorted(r for p in pipelines for r in {p[0], p[-1]})
+        assert len(members) == len(set(members)), kind
+
+
+def _reinitialize_with_other_sizes():
+    mpu.initialize(tp=2, pp=2, cp=2)
+    with pytest.raises(ValueError, match=r"already initialized \(tp 2 x cp 2 x dp 1 x pp 2\)"):
+        mpu.initialize(tp=2)
+    mpu.destroy()
+    assert not mpu.is_initialized()
+    with pytest.raises(ValueError, match="not initialized"):
+        mpu.get_tp_group()
+    state = mpu.initialize(tp=4, virtual_pp=None)
+    assert state.layout.dp == 2
+    assert comm.group_members(state.tp.group) == ([0, 1, 2, 3] if dist.get_rank() < 4 else [4, 5, 6, 7])
+    mpu.destroy()
+    state = mpu.initialize(pp=2, virtual_pp=3)
+    assert mpu.get_virtual_pp_world_size() == 3
+    assert mpu.is_pipeline_first_stage(vp_stage=1) is False
+    assert mpu.is_pipeline_last_stage(vp_stage=2) == (state.pp.rank == 1)
+    assert mpu.is_pipeline_last_stage(vp_stage=1) is False
+
+
+def test_destroy_then_initialize_other_sizes():
+    run_on_ranks(_reinitialize_with_other_sizes, 8)
+
+
+def _bad_sizes_on_a_world():
+    for kwargs, message in [
+        (dict(tp=3), r"world_size=8 is not divisible by tp\*pp\*cp = 3\*1\*1 = 3"),
+        (dict(tp=2, pp=2, cp=4), r"not divisible by tp\*pp\*cp = 2\*2\*4 = 16"),
+        (dict(pp=1, virtual_pp=2), r"virtual_pp=2 .* > 1 only with pp > 1 \(got pp=1\)"),
+        (dict(pp=2, virtual_pp=0), r"virtual_pp=0 must be None or an integer >= 1"),
+        (dict(order="tp-xp-dp-pp"), r"unknown parallelism\(s\) \['xp'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mpu.initialize(**kwargs)
+        assert not mpu.is_initialized()
+
+
+def test_bad_sizes_raise_before_creating_groups():
+    run_on_ranks(_bad_sizes_on_a_world, 8)
+
+
+def _check_device_mesh(tp, pp, cp, order):
+    state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order)
+    mesh = mpu.device_mesh()
+    assert mesh.mesh_dim_names == ("pp", "dp", "cp", "tp")
+    assert mesh.device_type == "cpu"
+    for dim in mesh.mesh_dim_names:
+        info = state.info(dim)
+        assert dist.get_process_group_ranks(mesh.get_group(dim)) == list(info.ranks), dim
+        assert mesh.get_local_rank(dim) == info.rank, dim
+    # DTensor on the tp dimension shards and gathers over the MPU's tp group.
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    full = torch.arange(4 * tp, dtype=torch.float64).reshape(4 * tp, 1)
+    sharded = distribute_tensor(full, mesh["tp"], [Shard(0)])
+    assert torch.equal(sharded.to_local(), full.chunk(tp)[state.tp.rank])
+    assert torch.equal(sharded.full_tensor(), full)
+
+
+@pytest.mark.parametrize("tp, pp, cp, order", LAYOUTS[:3])
+def test_device_mesh_uses_the_mpu_groups(tp, pp, cp, order):
+    run_on_ranks(_check_device_mesh, 8, tp, pp, cp, order, timeout=120)
+
+
+def test_getters_before_initialize_raise():
+    with pytest.raises(ValueError, match=r"not initialized: call parallelkit.mpu.initialize"):
+        mpu.get_tp_rank()
+    with pytest.raises(ValueError, match="not initialized"):
+        mpu.describe()
+
+
+def test_initialize_needs_torch_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"init_process_group\(\) first"):
+        mpu.initialize(tp=1)

@@ -1,0 +1,116 @@
+"""Autograd-aware communication between tensor-parallel regions (Megatron's "mappings").
+
+Each function is an autograd Function whose backward is the adjoint of its forward:
+
+    forward                              backward                    used by
+    copy_to_tp_region       identity     all-reduce                  column-parallel input
+    reduce_from_tp_region   all-reduce   identity                    row-parallel output
+    scatter_to_tp_region    split ..-1   all-gather ..-1             row-parallel, full input
+    gather_from_tp_region   all-gather -1  split -1                  column-parallel, gather_output
+    scatter_to_sp_region    split dim 0  all-gather dim 0            entering sequence parallel
+    gather_from_sp_region   all-gather 0 reduce-scatter 0 (or split) column-parallel under SP
+    reduce_scatter_to_sp_region  reduce-scatter 0  all-gather 0      row-parallel under SP
+
+Sequence-parallel tensors are sequence-first, ``[s/tp, b, h]``, as in Megatron, so the sequence
+is dim 0 and every collective works on contiguous slabs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallelkit.distributed import comm
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return comm.all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Scatter(torch.autograd.Function):
+    """Forward keeps this rank's chunk along ``dim``, of ``x`` itself or (``reduce``) of the sum
+    of all ranks' ``x``; backward all-gathers the gradient either way."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, reduce):
+        ctx.dim, ctx.group = dim, group
+        return comm.reduce_scatter(x, dim, group) if reduce else comm.split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_gather(grad, ctx.dim, ctx.group), None, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """Forward all-gathers along ``dim``; backward reduce-scatters the gradient (when each rank's
+    consumer of the gathered tensor contributed a partial gradient) or keeps this rank's chunk
+    (when the gradient is already the same on all ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, reduce_grad):
+        ctx.dim, ctx.group, ctx.reduce_grad = dim, group, reduce_grad
+        return comm.all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:
+            return comm.reduce_scatter(grad, ctx.dim, ctx.group), None, None, None
+        return comm.split(grad, ctx.dim, ctx.group), None, None, None
+
+
+def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``x`` replicated on the TP ranks enters a region whose ranks each use all of it."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Partial sums ``x`` (one per TP rank) leave the region as their total, on every rank."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``x: [..., h]`` replicated → ``[..., h/tp]``, this rank's slice of the last dim."""
+    return _Scatter.apply(x, -1, group, False)
+
+
+def gather_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``x: [..., h/tp]`` → ``[..., h]``, the slices of all TP ranks in rank order."""
+    return _Gather.apply(x, -1, group, False)
+
+
+def scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``x: [s, b, h]`` replicated → ``[s/tp, b, h]``, this rank's part of the sequence."""
+    return _Scatter.apply(x, 0, group, False)
+
+
+def gather_from_sp_region(x: torch.Tensor, group: dist.ProcessGroup,
+                          tp_output_grad: bool = True) -> torch.Tensor:
+    """``x: [s/tp, b, h]`` → ``[s, b, h]`` on every TP rank.
+
+    With ``tp_output_grad`` (the usual case: the full sequence feeds a column-parallel matmul,
+    so each rank's gradient is a partial sum) the backward reduce-scatters; without it the
+    gradient is taken to be identical on all ranks and is only split.
+    """
+    return _Gather.apply(x, 0, group, tp_output_grad)
+
+
+def reduce_scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Partial sums ``x: [s, b, h]`` → ``[s/tp, b, h]``, this rank's part of their total."""
+    return _Scatter.apply(x, 0, group, True)

@@ -1,0 +1,115 @@
+"""An embedding table whose vocabulary is split across TP ranks.
+
+Rank r holds rows ``[r * V/tp, (r+1) * V/tp)``. Each rank looks up the ids that fall in its range,
+writes zeros for the others, and the sum over TP ranks is the full lookup: an all-reduce, or under
+sequence parallelism a reduce-scatter that leaves each rank its ``s/tp`` part of the sequence.
+
+A vocabulary that does not divide by tp is an error (pad the vocabulary, e.g. 50257 → 50260 for
+tp=4, and keep the extra rows out of the loss); the embedding never pads silently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallelkit.distributed import mappings
+from parallelkit.tensor_parallel.sharding import (copy_shard_, divide, new_parameter,
+                                                  resolve_tp_group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """``nn.Embedding`` with its rows split across TP ranks.
+
+    Shapes:
+        ids: ``[s, b]`` (any shape without sequence parallelism), int64, values in [0, vocab).
+        out: ``[s, b, dim]`` replicated, or ``[s/tp, b, dim]`` with ``sequence_parallel``.
+    Weight ``[vocab/tp, dim]``: this rank's rows. ``padding_idx`` keeps a zero gradient as in
+    ``nn.Embedding``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 sequence_parallel: bool = False, *, tp_group: dist.ProcessGroup | None = None,
+                 device=None, dtype=None, skip_init: bool = False):
+        super().__init__()
+        self.tp_group = resolve_tp_group(tp_group)
+        self.tp = dist.get_world_size(self.tp_group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.sequence_parallel = sequence_parallel
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        self.padding_idx = padding_idx
+        local = divide(num_embeddings, self.tp, "VocabParallelEmbedding num_embeddings (vocab)")
+        self.vocab_start = dist.get_rank(self.tp_group) * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = new_parameter((local, embedding_dim), dtype, device, 0)
+        if not skip_init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the full table as ``nn.Embedding`` does (CPU RNG), keep this rank's rows."""
+        master = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                              dtype=self.weight.dtype)
+        copy_shard_(self.weight, master.weight.detach(), 0, self.tp_group)
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, sequence_parallel: bool = False, *,
+                   tp_group: dist.ProcessGroup | None = None) -> "VocabParallelEmbedding":
+        """This rank's rows of ``embedding``; the layer computes what ``embedding`` did."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"VocabParallelEmbedding.from_dense expects an nn.Embedding, got "
+                            f"{type(embedding).__name__}")
+        unsupported = [name for name, on in [("max_norm", embedding.max_norm is not None),
+                                             ("scale_grad_by_freq", embedding.scale_grad_by_freq),
+                                             ("sparse", embedding.sparse)] if on]
+        if unsupported:
+            raise ValueError(f"VocabParallelEmbedding does not support nn.Embedding's "
+                             f"{unsupported}; convert an embedding without them")
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                    sequence_parallel, tp_group=tp_group, device=embedding.weight.device,
+                    dtype=embedding.weight.dtype, skip_init=True)
+        copy_shard_(layer.weight, embedding.weight.detach(), 0, layer.tp_group)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _check_ids(ids, self.num_embeddings)
+        if self.tp == 1:
+            out = F.embedding(ids, self.weight, self.padding_idx)
+        else:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+            out = F.embedding(local_ids, self.weight, self._local_padding_idx())
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # another rank owns these rows
+        if self.sequence_parallel:
+            if out.shape[0] % self.tp:
+                raise ValueError(
+                    f"VocabParallelEmbedding(sequence_parallel=True) splits the sequence (dim 0 "
+                    f"of ids [s, b]) across tp={self.tp} ranks, but s={out.shape[0]} is not "
+                    f"divisible by {self.tp}; pad the sequence to a multiple of {self.tp}")
+            return mappings.reduce_scatter_to_sp_region(out, self.tp_group)
+        return mappings.reduce_from_tp_region(out, self.tp_group)
+
+    def _local_padding_idx(self) -> int | None:
+        if self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end:
+            return self.padding_idx - self.vocab_start
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, "
+                f"{self.vocab_end}), tp={self.tp}, sequence_parallel={self.sequence_parallel}")
+
+
+def _check_ids(ids: torch.Tensor, vocab: int) -> None:
+    """Out-of-range ids would be silently zeroed by the masking: refuse them as nn.Embedding does."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"VocabParallelEmbedding expects int64 or int32 ids, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    in_range = (ids.min() >= 0) & (ids.max() < vocab)
+    if ids.is_cuda:  # no host sync on the GPU: the check fails the stream instead
+        torch._assert_async(in_range, f"token ids must be in [0, {vocab})")
+    elif not in_range:
+        raise IndexError(f"token ids must be in [0, {vocab}), got min {ids.min().item()} and "
+                         f"max {ids.max().item()}")

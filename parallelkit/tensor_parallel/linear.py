@@ -1,0 +1,184 @@
+"""Column- and row-parallel linear layers (Megatron's split of a transformer's matmuls).
+
+A column-parallel layer ``Y = X A + b`` splits A's output features across TP ranks, so each rank
+computes ``Y[..., n/tp]`` from the whole input. A row-parallel layer splits A's input features, so
+each rank multiplies its slice of the input and the partial products are summed. Chained
+column → row (attention qkv → out, MLP up → down) needs no communication in between.
+
+Under sequence parallelism activations outside these pairs are ``[s/tp, b, h]`` (sequence-first):
+the column layer all-gathers the sequence on entry and the row layer reduce-scatters it on exit,
+which moves the same bytes as the all-reduce it replaces while storing 1/tp of the activations.
+
+Fresh layers initialise the full weight exactly as ``nn.Linear`` would from the current CPU RNG
+and keep their shard, so one seed gives one model whatever tp is; ``from_dense`` keeps the shard
+of an existing ``nn.Linear`` (``skip_init=True`` leaves the parameters for the caller to fill).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallelkit.distributed import mappings
+from parallelkit.tensor_parallel.sequence_parallel import mark_sequence_parallel
+from parallelkit.tensor_parallel.sharding import (copy_shard_, divide, new_parameter,
+                                                  resolve_tp_group)
+
+
+class _ParallelLinear(nn.Module):
+    """What both layers share: shapes, sharded parameters and their initialisation."""
+
+    weight_shard_dim: int  # of the [out, in] weight
+    bias_shard_dim: int | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, sequence_parallel: bool,
+                 tp_group: dist.ProcessGroup | None, init_method: Callable | None,
+                 device=None, dtype=None, skip_init: bool = False):
+        super().__init__()
+        self.tp_group = resolve_tp_group(tp_group)
+        self.tp = dist.get_world_size(self.tp_group)
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel = sequence_parallel
+        self.init_method = init_method
+        name = type(self).__name__
+        split = out_features if self.weight_shard_dim == 0 else in_features
+        what = f"{name} {'out' if self.weight_shard_dim == 0 else 'in'}_features"
+        local = divide(split, self.tp, what)
+        shape = [out_features, in_features]
+        shape[self.weight_shard_dim] = local
+        self.weight = new_parameter(tuple(shape), dtype, device, self.weight_shard_dim)
+        self.bias = None
+        if bias:
+            bias_len = local if self.bias_shard_dim == 0 else out_features
+            self.bias = new_parameter((bias_len,), dtype, device, self.bias_shard_dim)
+        if not skip_init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the full weight as ``nn.Linear`` does (CPU RNG, same on all TP ranks),
+        apply ``init_method`` to it if given, and keep this rank's shard."""
+        master = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.weight.dtype)
+        if self.init_method is not None:
+            self.init_method(master.weight)
+        self._load_dense(master)
+
+    def _load_dense(self, linear: nn.Linear) -> None:
+        copy_shard_(self.weight, linear.weight.detach(), self.weight_shard_dim, self.tp_group)
+        if self.bias is not None:
+            copy_shard_(self.bias, linear.bias.detach(), self.bias_shard_dim, self.tp_group)
+
+    @classmethod
+    def _from_dense(cls, linear: nn.Linear, **kwargs):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got "
+                            f"{type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, skip_init=True,
+                    **kwargs)
+        layer._load_dense(linear)
+        return layer
+
+    def _check_input(self, x: torch.Tensor, features: int, hint: str) -> None:
+        if x.shape[-1] != features:
+            raise ValueError(f"{type(self).__name__} expects inputs [..., {features}] ({hint}), "
+                             f"got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, tp={self.tp}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """``y = x A^T + b`` with A's output features split across TP ranks.
+
+    Shapes (``n = out_features``):
+        x: ``[s, b, in]`` replicated, or ``[s/tp, b, in]`` with ``sequence_parallel``.
+        y: ``[s, b, n/tp]``, or ``[s, b, n]`` with ``gather_output``.
+    Weight ``[n/tp, in]`` and bias ``[n/tp]``: this rank's rows of the full ones.
+    """
+
+    weight_shard_dim, bias_shard_dim = 0, 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 gather_output: bool = False, sequence_parallel: bool = False, *,
+                 tp_group: dist.ProcessGroup | None = None, init_method: Callable | None = None,
+                 device=None, dtype=None, skip_init: bool = False):
+        self.gather_output = gather_output
+        super().__init__(in_features, out_features, bias, sequence_parallel, tp_group,
+                         init_method, device, dtype, skip_init)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, gather_output: bool = False,
+                   sequence_parallel: bool = False, *,
+                   tp_group: dist.ProcessGroup | None = None) -> "ColumnParallelLinear":
+        """This rank's shard of ``linear``; the layer computes what ``linear`` did."""
+        return cls._from_dense(linear, gather_output=gather_output,
+                               sequence_parallel=sequence_parallel, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, self.in_features, "the full input features")
+        if self.sequence_parallel:
+            x = mappings.gather_from_sp_region(x, self.tp_group)
+        else:
+            x = mappings.copy_to_tp_region(x, self.tp_group)
+        y = F.linear(x, self.weight, self.bias)
+        return mappings.gather_from_tp_region(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(_ParallelLinear):
+    """``y = x A^T + b`` with A's input features split across TP ranks.
+
+    Shapes (``k = in_features``):
+        x: ``[s, b, k/tp]`` with ``input_is_parallel`` (a column-parallel output), else
+           ``[s, b, k]`` replicated (this layer takes its slice).
+        y: ``[s, b, out]`` replicated, or ``[s/tp, b, out]`` with ``sequence_parallel``.
+    Weight ``[out, k/tp]``: this rank's columns. Bias ``[out]`` is replicated and added after
+    the reduction; under sequence parallelism it is marked (see ``sequence_parallel.py``).
+    """
+
+    weight_shard_dim, bias_shard_dim = 1, None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 input_is_parallel: bool = False, sequence_parallel: bool = False, *,
+                 tp_group: dist.ProcessGroup | None = None, init_method: Callable | None = None,
+                 device=None, dtype=None, skip_init: bool = False):
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear(sequence_parallel=True) needs "
+                             "input_is_parallel=True: its input must be a column-parallel output")
+        self.input_is_parallel = input_is_parallel
+        super().__init__(in_features, out_features, bias, sequence_parallel, tp_group,
+                         init_method, device, dtype, skip_init)
+        if sequence_parallel and self.bias is not None:
+            mark_sequence_parallel(self.bias)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, input_is_parallel: bool = False,
+                   sequence_parallel: bool = False, *,
+                   tp_group: dist.ProcessGroup | None = None) -> "RowParallelLinear":
+        """This rank's shard of ``linear``; the layer computes what ``linear`` did."""
+        return cls._from_dense(linear, input_is_parallel=input_is_parallel,
+                               sequence_parallel=sequence_parallel, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_is_parallel:
+            self._check_input(x, self.in_features // self.tp, f"this rank's 1/{self.tp} slice")
+        else:
+            self._check_input(x, self.in_features, "the full input features")
+            x = mappings.scatter_to_tp_region(x, self.tp_group)
+        partial = F.linear(x, self.weight)  # bias after the sum, or it would be added tp times
+        if self.sequence_parallel:
+            if partial.shape[0] % self.tp:
+                raise ValueError(
+                    f"RowParallelLinear(sequence_parallel=True) splits the sequence (dim 0 of "
+                    f"[s, b, h]) across tp={self.tp} ranks, but s={partial.shape[0]} is not "
+                    f"divisible by {self.tp}; pad the sequence to a multiple of {self.tp}")
+            y = mappings.reduce_scatter_to_sp_region(partial, self.tp_group)
+        else:
+            y = mappings.reduce_from_tp_region(partial, self.tp_group)
+        return y if self.bias is None else y + self.bias

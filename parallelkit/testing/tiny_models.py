@@ -1,0 +1,106 @@
+"""A tiny sequence-first transformer LM, dense and tensor-parallel, for parity tests and demos.
+
+``TinyLM`` is plain PyTorch. ``TinyLM.tensor_parallel(dense, ...)`` converts a copy layer by layer
+with the TP modules' ``from_dense`` (q/k/v and MLP-up column-parallel, attention-out and MLP-down
+row-parallel, vocab-parallel embedding, column-parallel LM head), so both compute the same
+function and the TP model's gradients are shards of the dense ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                         VocabParallelEmbedding, mark_sequence_parallel)
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    vocab: int = 64
+    hidden: int = 32
+    heads: int = 4
+    ffn: int = 64
+    layers: int = 2
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP. Inputs and outputs are ``[s, b, h]`` (``[s/tp, b, h]`` under
+    sequence parallelism); ``heads`` counts the heads this rank computes."""
+
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        h = config.hidden
+        self.heads = config.heads
+        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.o_proj = nn.Linear(h, h)
+        self.fc1, self.fc2 = nn.Linear(h, config.ffn), nn.Linear(config.ffn, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.o_proj(self._attention(self.ln1(x)))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        def heads(t):  # [s, b, heads * d] -> [b, heads, s, d]
+            s, b, _ = t.shape
+            return t.view(s, b, self.heads, -1).permute(1, 2, 0, 3)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, s, d]
+        return o.permute(2, 0, 1, 3).flatten(2)
+
+
+class TinyLM(nn.Module):
+    """ids ``[s, b]`` → logits ``[s, b, vocab]``."""
+
+    def __init__(self, config: TinyConfig = TinyConfig()):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab, config.hidden)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.ln_f = nn.LayerNorm(config.hidden)
+        self.lm_head = nn.Linear(config.hidden, config.vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    @classmethod
+    def tensor_parallel(cls, dense: "TinyLM", tp_group: dist.ProcessGroup,
+                        sequence_parallel: bool = False) -> "TinyLM":
+        """A TP copy of ``dense``: same function, this rank's shard of every split weight."""
+        tp = dist.get_world_size(tp_group)
+        if dense.config.heads % tp:
+            raise ValueError(f"heads={dense.config.heads} is not divisible by tp={tp}")
+        model = copy.deepcopy(dense)
+        sp, group = sequence_parallel, tp_group
+        model.embed = VocabParallelEmbedding.from_dense(dense.embed, sp, tp_group=group)
+        for block, dense_block in zip(model.blocks, dense.blocks):
+            block.heads = dense.config.heads // tp
+            for name in ("q_proj", "k_proj", "v_proj", "fc1"):
+                column = ColumnParallelLinear.from_dense(getattr(dense_block, name),
+                                                         sequence_parallel=sp, tp_group=group)
+                setattr(block, name, column)
+            for name in ("o_proj", "fc2"):
+                row = RowParallelLinear.from_dense(getattr(dense_block, name), input_is_parallel=True,
+                                                   sequence_parallel=sp, tp_group=group)
+                setattr(block, name, row)
+        model.lm_head = ColumnParallelLinear.from_dense(dense.lm_head, gather_output=True,
+                                                        sequence_parallel=sp, tp_group=group)
+        if sp:  # norms see 1/tp of the tokens: their gradients are partial sums over TP
+            for module in model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    mark_sequence_parallel(*module.parameters())
+        return model

@@ -138,3 +138,28 @@ def test_rng_tracker_on_cuda():
     assert torch.equal(torch.cuda.get_rng_state(), outer)
     torch.cuda.manual_seed(7)
     assert torch.equal(inside, torch.rand(4, device="cuda"))
+
+
+def _mlp_traffic(sequence_parallel):
+    mpu.initialize(tp=4)
+    s, b, h = 8, 2, 16
+    up = ColumnParallelLinear(h, 4 * h, sequence_parallel=sequence_parallel)
+    down = RowParallelLinear(4 * h, h, input_is_parallel=True, sequence_parallel=sequence_parallel)
+    x = torch.randn(s // 4 if sequence_parallel else s, b, h, requires_grad=True)
+    with comm.count_traffic() as traffic:
+        down(torch.nn.functional.gelu(up(x))).sum().backward()
+    return dict(traffic.calls), dict(traffic.payload), traffic.wire
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_mlp_communicates_what_the_algorithm_needs(sequence_parallel):
+    """Column → Row: one all-reduce of [s, b, h] each way, or an all-gather plus a
+    reduce-scatter each way under sequence parallelism; nothing more."""
+    nbytes = 8 * 2 * 16 * 4
+    calls, payload, wire = run_on_ranks(_mlp_traffic, 4, sequence_parallel)[0]
+    if sequence_parallel:
+        assert calls == {"all_gather": 2, "reduce_scatter": 2}
+        assert payload == {"all_gather": 2 * nbytes, "reduce_scatter": 2 * nbytes}
+    else:
+        assert calls == {"all_reduce": 2} and payload == {"all_reduce": 2 * nbytes}
+    assert wire == 4 * (3 / 4) * nbytes

@@ -1,0 +1,1 @@
+"""parallelkit microbenchmarks: ``python -m benchmarks.bench_<name>``; see README.md."""

@@ -59,13 +59,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sum of ``x`` over the group, on every member."""
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> torch.Tensor:
+    """Elementwise ``op`` ("sum" or "max") of ``x`` over the group, on every member."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op={op!r} must be one of {sorted(_REDUCE_OPS)}")
     if dist.get_world_size(group) == 1:
         return x
     out = x.contiguous().clone()
     _record("all_reduce", _nbytes(out), group)
-    dist.all_reduce(out, group=group)
+    dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
     return out
 
 

@@ -10,6 +10,7 @@
 
 #include "attention_merge/merge.h"
 #include "distributed/group_membership.h"
+#include "overlap/overlap.h"
 
 namespace {
 
@@ -41,6 +42,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("global_rank"), py::arg("world_size"), py::arg("device"),
         py::call_guard<py::gil_scoped_release>(),
         "[world_size] int64 tensor on device (a torch.device), 1 at each global rank in pg.");
+  // Overlap ops take the group like the collective above and block (on gloo) or enqueue (on
+  // NCCL) their whole ring, so they release the GIL too.
+  m.def("all_gather_matmul", &parallelkit::all_gather_matmul, py::arg("x_shard"),
+        py::arg("weight"), py::arg("pg"), py::arg("chunks_per_rank") = 1,
+        py::call_guard<py::gil_scoped_release>(),
+        "(y [tp*m, n], gathered x [tp*m, k]) = all_gather(x_shard [m, k]) @ weight[n, k]^T, "
+        "communication overlapped with the matmuls.");
+  m.def("matmul_reduce_scatter", &parallelkit::matmul_reduce_scatter, py::arg("x"),
+        py::arg("weight"), py::arg("pg"), py::arg("chunks_per_rank") = 1,
+        py::call_guard<py::gil_scoped_release>(),
+        "y [m, n] = this rank's rows of reduce_scatter(x [tp*m, k] @ weight[n, k]^T), "
+        "communication overlapped with the matmuls.");
   m.def("cuda_compiled", [] { return kCudaCompiled; }, "Whether the CUDA kernels were built.");
   m.def("cuda_arches", &cuda_arches, "TORCH_CUDA_ARCH_LIST entries compiled, e.g. ['9.0'].");
 }

@@ -50,7 +50,8 @@ def count_traffic() -> Iterator[Traffic]:
         _traffic = outer
 
 
-def _record(kind: str, nbytes: int, group: dist.ProcessGroup) -> None:
+def record_traffic(kind: str, nbytes: int, group: dist.ProcessGroup) -> None:
+    """Count a collective's payload (also called by native ops that communicate themselves)."""
     if _traffic is not None:
         _traffic.add(kind, nbytes, dist.get_world_size(group))
 
@@ -69,7 +70,7 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> to
     if dist.get_world_size(group) == 1:
         return x
     out = x.contiguous().clone()
-    _record("all_reduce", _nbytes(out), group)
+    record_traffic("all_reduce", _nbytes(out), group)
     dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
     return out
 
@@ -81,7 +82,7 @@ def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Ten
         return x
     front = x.movedim(dim, 0).contiguous()  # the single-tensor collective stacks along dim 0
     out = front.new_empty((p * front.shape[0], *front.shape[1:]))
-    _record("all_gather", _nbytes(out), group)
+    record_traffic("all_gather", _nbytes(out), group)
     _all_gather_single(out, front, group=group)
     return out.movedim(0, dim)
 
@@ -94,7 +95,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch
     check_divisible(x, dim, p, "reduce-scatter")
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // p, *front.shape[1:]))
-    _record("reduce_scatter", _nbytes(front), group)
+    record_traffic("reduce_scatter", _nbytes(front), group)
     _reduce_scatter_single(out, front, group=group)
     return out.movedim(0, dim)
 

@@ -12,10 +12,17 @@ which moves the same bytes as the all-reduce it replaces while storing 1/tp of t
 Fresh layers initialise the full weight exactly as ``nn.Linear`` would from the current CPU RNG
 and keep their shard, so one seed gives one model whatever tp is; ``from_dense`` keeps the shard
 of an existing ``nn.Linear`` (``skip_init=True`` leaves the parameters for the caller to fill).
+
+``overlap_comm=True`` (sequence parallelism only) runs the fused ring ops of
+``parallelkit.ops.overlap`` instead of collective-then-matmul; the results are the same. Each
+layer counts the calls of each path in ``calls_by_path`` and logs the path it takes at DEBUG
+level the first time, so a fused path cannot fall back unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -24,9 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallelkit.distributed import mappings
+from parallelkit.ops import overlap
 from parallelkit.tensor_parallel.sequence_parallel import mark_sequence_parallel
 from parallelkit.tensor_parallel.sharding import (copy_shard_, divide, new_parameter,
                                                   resolve_tp_group)
+
+logger = logging.getLogger(__name__)
 
 
 class _ParallelLinear(nn.Module):
@@ -36,15 +46,22 @@ class _ParallelLinear(nn.Module):
     bias_shard_dim: int | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, sequence_parallel: bool,
-                 tp_group: dist.ProcessGroup | None, init_method: Callable | None,
-                 device=None, dtype=None, skip_init: bool = False):
+                 overlap_comm: bool, chunks_per_rank: int, tp_group: dist.ProcessGroup | None,
+                 init_method: Callable | None, device=None, dtype=None, skip_init: bool = False):
         super().__init__()
+        name = type(self).__name__
+        if overlap_comm and not sequence_parallel:
+            raise ValueError(f"{name}(overlap_comm=True) fuses the sequence-parallel collective "
+                             "into the matmul: it needs sequence_parallel=True")
+        if chunks_per_rank < 1:
+            raise ValueError(f"{name} chunks_per_rank={chunks_per_rank} must be >= 1")
         self.tp_group = resolve_tp_group(tp_group)
         self.tp = dist.get_world_size(self.tp_group)
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel = sequence_parallel
+        self.overlap_comm, self.chunks_per_rank = overlap_comm, chunks_per_rank
+        self.calls_by_path: Counter = Counter()
         self.init_method = init_method
-        name = type(self).__name__
         split = out_features if self.weight_shard_dim == 0 else in_features
         what = f"{name} {'out' if self.weight_shard_dim == 0 else 'in'}_features"
         local = divide(split, self.tp, what)
@@ -88,10 +105,15 @@ class _ParallelLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expects inputs [..., {features}] ({hint}), "
                              f"got shape {tuple(x.shape)}")
 
+    def _count_path(self, path: str) -> None:
+        if not self.calls_by_path:
+            logger.debug("%s (tp=%d) runs %s", type(self).__name__, self.tp, path)
+        self.calls_by_path[path] += 1
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, tp={self.tp}, "
-                f"sequence_parallel={self.sequence_parallel}")
+                f"sequence_parallel={self.sequence_parallel}, overlap_comm={self.overlap_comm}")
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -107,27 +129,37 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False, *,
+                 overlap_comm: bool = False, chunks_per_rank: int = 1,
                  tp_group: dist.ProcessGroup | None = None, init_method: Callable | None = None,
                  device=None, dtype=None, skip_init: bool = False):
         self.gather_output = gather_output
-        super().__init__(in_features, out_features, bias, sequence_parallel, tp_group,
-                         init_method, device, dtype, skip_init)
+        super().__init__(in_features, out_features, bias, sequence_parallel, overlap_comm,
+                         chunks_per_rank, tp_group, init_method, device, dtype, skip_init)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, gather_output: bool = False,
-                   sequence_parallel: bool = False, *,
+                   sequence_parallel: bool = False, *, overlap_comm: bool = False,
+                   chunks_per_rank: int = 1,
                    tp_group: dist.ProcessGroup | None = None) -> "ColumnParallelLinear":
         """This rank's shard of ``linear``; the layer computes what ``linear`` did."""
         return cls._from_dense(linear, gather_output=gather_output,
-                               sequence_parallel=sequence_parallel, tp_group=tp_group)
+                               sequence_parallel=sequence_parallel, overlap_comm=overlap_comm,
+                               chunks_per_rank=chunks_per_rank, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, self.in_features, "the full input features")
-        if self.sequence_parallel:
-            x = mappings.gather_from_sp_region(x, self.tp_group)
+        if self.overlap_comm:
+            self._count_path("fused all_gather_matmul")
+            y = overlap.all_gather_matmul(x, self.weight, self.tp_group, self.chunks_per_rank)
+            y = y if self.bias is None else y + self.bias
         else:
-            x = mappings.copy_to_tp_region(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+            if self.sequence_parallel:
+                self._count_path("all-gather then matmul")
+                x = mappings.gather_from_sp_region(x, self.tp_group)
+            else:
+                self._count_path("matmul (all-reduce in backward)")
+                x = mappings.copy_to_tp_region(x, self.tp_group)
+            y = F.linear(x, self.weight, self.bias)
         return mappings.gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 
@@ -146,24 +178,27 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  input_is_parallel: bool = False, sequence_parallel: bool = False, *,
+                 overlap_comm: bool = False, chunks_per_rank: int = 1,
                  tp_group: dist.ProcessGroup | None = None, init_method: Callable | None = None,
                  device=None, dtype=None, skip_init: bool = False):
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear(sequence_parallel=True) needs "
                              "input_is_parallel=True: its input must be a column-parallel output")
         self.input_is_parallel = input_is_parallel
-        super().__init__(in_features, out_features, bias, sequence_parallel, tp_group,
-                         init_method, device, dtype, skip_init)
+        super().__init__(in_features, out_features, bias, sequence_parallel, overlap_comm,
+                         chunks_per_rank, tp_group, init_method, device, dtype, skip_init)
         if sequence_parallel and self.bias is not None:
             mark_sequence_parallel(self.bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, input_is_parallel: bool = False,
-                   sequence_parallel: bool = False, *,
+                   sequence_parallel: bool = False, *, overlap_comm: bool = False,
+                   chunks_per_rank: int = 1,
                    tp_group: dist.ProcessGroup | None = None) -> "RowParallelLinear":
         """This rank's shard of ``linear``; the layer computes what ``linear`` did."""
         return cls._from_dense(linear, input_is_parallel=input_is_parallel,
-                               sequence_parallel=sequence_parallel, tp_group=tp_group)
+                               sequence_parallel=sequence_parallel, overlap_comm=overlap_comm,
+                               chunks_per_rank=chunks_per_rank, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_is_parallel:
@@ -171,14 +206,19 @@ class RowParallelLinear(_ParallelLinear):
         else:
             self._check_input(x, self.in_features, "the full input features")
             x = mappings.scatter_to_tp_region(x, self.tp_group)
-        partial = F.linear(x, self.weight)  # bias after the sum, or it would be added tp times
-        if self.sequence_parallel:
-            if partial.shape[0] % self.tp:
-                raise ValueError(
-                    f"RowParallelLinear(sequence_parallel=True) splits the sequence (dim 0 of "
-                    f"[s, b, h]) across tp={self.tp} ranks, but s={partial.shape[0]} is not "
-                    f"divisible by {self.tp}; pad the sequence to a multiple of {self.tp}")
-            y = mappings.reduce_scatter_to_sp_region(partial, self.tp_group)
+        if self.sequence_parallel and x.shape[0] % self.tp:
+            raise ValueError(
+                f"RowParallelLinear(sequence_parallel=True) splits the sequence (dim 0 of "
+                f"[s, b, h]) across tp={self.tp} ranks, but s={x.shape[0]} is not "
+                f"divisible by {self.tp}; pad the sequence to a multiple of {self.tp}")
+        # The bias is added after the sum, or it would be added tp times.
+        if self.overlap_comm:
+            self._count_path("fused matmul_reduce_scatter")
+            y = overlap.matmul_reduce_scatter(x, self.weight, self.tp_group, self.chunks_per_rank)
+        elif self.sequence_parallel:
+            self._count_path("matmul then reduce-scatter")
+            y = mappings.reduce_scatter_to_sp_region(F.linear(x, self.weight), self.tp_group)
         else:
-            y = mappings.reduce_from_tp_region(partial, self.tp_group)
+            self._count_path("matmul then all-reduce")
+            y = mappings.reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias

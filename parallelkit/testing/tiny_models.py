@@ -79,23 +79,26 @@ class TinyLM(nn.Module):
 
     @classmethod
     def tensor_parallel(cls, dense: "TinyLM", tp_group: dist.ProcessGroup,
-                        sequence_parallel: bool = False) -> "TinyLM":
-        """A TP copy of ``dense``: same function, this rank's shard of every split weight."""
+                        sequence_parallel: bool = False, overlap_comm: bool = False) -> "TinyLM":
+        """A TP copy of ``dense``: same function, this rank's shard of every split weight.
+        ``overlap_comm`` (with sequence parallelism) uses the fused ring matmuls."""
         tp = dist.get_world_size(tp_group)
         if dense.config.heads % tp:
             raise ValueError(f"heads={dense.config.heads} is not divisible by tp={tp}")
         model = copy.deepcopy(dense)
         sp, group = sequence_parallel, tp_group
+        fused = dict(overlap_comm=overlap_comm)
         model.embed = VocabParallelEmbedding.from_dense(dense.embed, sp, tp_group=group)
         for block, dense_block in zip(model.blocks, dense.blocks):
             block.heads = dense.config.heads // tp
             for name in ("q_proj", "k_proj", "v_proj", "fc1"):
                 column = ColumnParallelLinear.from_dense(getattr(dense_block, name),
-                                                         sequence_parallel=sp, tp_group=group)
+                                                         sequence_parallel=sp, tp_group=group,
+                                                         **fused)
                 setattr(block, name, column)
             for name in ("o_proj", "fc2"):
                 row = RowParallelLinear.from_dense(getattr(dense_block, name), input_is_parallel=True,
-                                                   sequence_parallel=sp, tp_group=group)
+                                                   sequence_parallel=sp, tp_group=group, **fused)
                 setattr(block, name, row)
         model.lm_head = ColumnParallelLinear.from_dense(dense.lm_head, gather_output=True,
                                                         sequence_parallel=sp, tp_group=group)

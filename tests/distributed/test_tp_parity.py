@@ -25,11 +25,11 @@ def batch(seed, s=8, b=2, vocab=64):
     return torch.randint(0, vocab, (s, b), generator=g), torch.randint(0, vocab, (s, b), generator=g)
 
 
-def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1):
+def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1, overlap_comm=False):
     state = mpu.initialize(tp=tp)
     torch.manual_seed(0)
     dense = TinyLM(TinyConfig()).to(dtype)
-    model = TinyLM.tensor_parallel(dense, state.tp.group, sequence_parallel)
+    model = TinyLM.tensor_parallel(dense, state.tp.group, sequence_parallel, overlap_comm)
     if use_hooks:
         register_sequence_parallel_grad_hooks(model, state.tp.group)
     for step in range(micro_batches):  # gradients accumulate over micro-batches
@@ -63,6 +63,12 @@ def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1):
 def test_loss_and_every_gradient_match_dense(tp, sequence_parallel, dtype):
     losses = run_on_ranks(_parity, 4, tp, sequence_parallel, dtype, timeout=120)
     assert len(set(losses)) == 1  # every rank, TP or DP, computed the same loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fused_overlap_layers_match_dense(tp, dtype):
+    run_on_ranks(_parity, 4, tp, True, dtype, False, 1, True, timeout=120)
 
 
 def test_grad_hooks_with_accumulation_match_dense():

@@ -1,0 +1,107 @@
+"""Fused ring matmuls vs collective-then-matmul: does the communication hide behind the GEMMs?
+
+For ``all_gather_matmul`` (x [s/tp, b, h] → [s, b, n/tp]) and ``matmul_reduce_scatter``
+(x [s, b, h/tp] → [s/tp, b, n]) on tp local gloo ranks, forward only, median over repeats:
+
+    unfused  the collective, then one matmul (or one matmul, then the collective)
+    fused    the native ring op (chunks_per_rank pieces per rank)
+    gemm     the matmul alone, comm: the collective alone
+    overlap efficiency = fused / max(gemm, comm): 1.0 would be perfect hiding
+
+    python -m benchmarks.bench_overlap [--tokens 2048 --hidden 2048 --tp 2 --chunks 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from benchmarks._harness import format_table, summarize, write_results
+from parallelkit import mpu
+from parallelkit.distributed import comm
+from parallelkit.launch import LocalWorld
+from parallelkit.ops.overlap import all_gather_matmul, matmul_reduce_scatter
+
+
+def _median_ms(fn, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        dist.barrier()  # ranks start together; a rank waiting for a peer is part of the cost
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return summarize(seconds)
+
+
+def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], repeats: int,
+            warmup: int) -> dict:
+    """On one rank: time every variant of ``op`` at [tokens, hidden] (batch folded into tokens)."""
+    group = mpu.initialize(tp=tp).tp.group
+    torch.manual_seed(dist.get_rank())
+    with torch.no_grad():
+        if op == "all_gather_matmul":
+            x = torch.randn(tokens // tp, 1, hidden)
+            w = torch.randn(hidden // tp, hidden)  # column-parallel: n/tp outputs
+            gathered = torch.randn(tokens, 1, hidden)
+            variants = {
+                "unfused": lambda: F.linear(comm.all_gather(x, 0, group), w),
+                "gemm": lambda: F.linear(gathered, w),
+                "comm": lambda: comm.all_gather(x, 0, group),
+                **{f"fused c={c}": (lambda c=c: all_gather_matmul(x, w, group, c)) for c in chunks},
+            }
+        else:
+            x = torch.randn(tokens, 1, hidden // tp)
+            w = torch.randn(hidden, hidden // tp)  # row-parallel: k/tp inputs
+            partial = torch.randn(tokens, 1, hidden)
+            variants = {
+                "unfused": lambda: comm.reduce_scatter(F.linear(x, w), 0, group),
+                "gemm": lambda: F.linear(x, w),
+                "comm": lambda: comm.reduce_scatter(partial, 0, group),
+                **{f"fused c={c}": (lambda c=c: matmul_reduce_scatter(x, w, group, c))
+                   for c in chunks},
+            }
+        return {name: _median_ms(fn, repeats, warmup) for name, fn in variants.items()}
+
+
+def run(tokens: int, hidden: int, tp: int, chunks: list[int], repeats: int, warmup: int):
+    rows = []
+    with LocalWorld(tp) as local:
+        for op in ("all_gather_matmul", "matmul_reduce_scatter"):
+            times = local.run(measure, op, tp, tokens, hidden, chunks, repeats, warmup,
+                              timeout=600)[0]
+            bound = max(times["gemm"]["median_ms"], times["comm"]["median_ms"])
+            for name in ("gemm", "comm", "unfused", *(f"fused c={c}" for c in chunks)):
+                ms = times[name]["median_ms"]
+                rows.append({"op": op, "tp": tp, "tokens": tokens, "hidden": hidden,
+                             "variant": name, **times[name],
+                             "vs_unfused": times["unfused"]["median_ms"] / ms,
+                             "fused/max(gemm,comm)": ms / bound})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="s * b")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    rows = run(args.tokens, args.hidden, args.tp, args.chunks, args.repeats, args.warmup)
+    print(format_table(rows, [("op", ""), ("tp", "d"), ("tokens", "d"), ("hidden", "d"),
+                              ("variant", ""), ("median_ms", ".1f"), ("iqr_ms", ".1f"),
+                              ("vs_unfused", ".2f"), ("fused/max(gemm,comm)", ".2f")]))
+    path = write_results("overlap", rows, {**vars(args), "backend": "gloo", "dtype": "float32",
+                                           "note": "tp CPU processes, one intra-op thread each"})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Sequence-parallel matmuls with their collective fused in (native ring ops of parallelkit._C).
+
+``all_gather_matmul`` replaces all-gather-then-matmul in a column-parallel layer and
+``matmul_reduce_scatter`` replaces matmul-then-reduce-scatter in a row-parallel one. Each is a
+ring of tp steps (times ``chunks_per_rank``) in which one piece's matmul runs while the next piece
+travels, so the communication hides behind the math. Each one's backward is the other: the input
+gradient of an all-gather matmul is a matmul reduce-scatter, and vice versa, and the weight
+gradient uses the gathered tensor the forward (or backward) ring produced anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallelkit._native import native
+from parallelkit.distributed import comm
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class AllGatherMatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, group, chunks_per_rank):
+        tp = dist.get_world_size(group)
+        comm.record_traffic("all_gather", x.numel() * tp * x.element_size(), group)
+        y, gathered = native.all_gather_matmul(_rows(x), weight, group, chunks_per_rank)
+        ctx.save_for_backward(gathered, weight)
+        ctx.group, ctx.chunks, ctx.x_shape = group, chunks_per_rank, x.shape
+        return y.view(tp * x.shape[0], *x.shape[1:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gathered, weight = ctx.saved_tensors
+        grad_rows = _rows(grad_y)
+        comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
+                            grad_y.element_size(), ctx.group)
+        grad_x = native.matmul_reduce_scatter(grad_rows, weight.t(), ctx.group, ctx.chunks)
+        grad_weight = grad_rows.t() @ gathered
+        return grad_x.view(ctx.x_shape), grad_weight, None, None
+
+
+class MatmulReduceScatterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, group, chunks_per_rank):
+        tp = dist.get_world_size(group)
+        comm.record_traffic("reduce_scatter", x[..., :1].numel() * weight.shape[0] *
+                            x.element_size(), group)
+        y = native.matmul_reduce_scatter(_rows(x), weight, group, chunks_per_rank)
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.chunks = group, chunks_per_rank
+        return y.view(x.shape[0] // tp, *x.shape[1:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        tp = dist.get_world_size(ctx.group)
+        comm.record_traffic("all_gather", grad_y.numel() * tp * grad_y.element_size(), ctx.group)
+        grad_x, gathered_grad = native.all_gather_matmul(_rows(grad_y), weight.t(), ctx.group,
+                                                         ctx.chunks)
+        grad_weight = gathered_grad.t() @ _rows(x)
+        return grad_x.view(x.shape), grad_weight, None, None
+
+
+def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup,
+                      chunks_per_rank: int = 1) -> torch.Tensor:
+    """``all_gather(x, dim 0) @ weight^T`` with the gather overlapped.
+
+    x: ``[s/tp, b, k]`` (any leading dims; dim 0 is the sequence), weight: ``[n, k]``.
+    Returns ``[s, b, n]``. ``(s/tp) * b`` must divide by ``chunks_per_rank``.
+    """
+    return AllGatherMatmulFunction.apply(x, weight, group, chunks_per_rank)
+
+
+def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup,
+                          chunks_per_rank: int = 1) -> torch.Tensor:
+    """``reduce_scatter(x @ weight^T, dim 0)`` with the reduce-scatter overlapped.
+
+    x: ``[s, b, k/tp]``, weight: ``[n, k/tp]``. Returns ``[s/tp, b, n]``, this rank's part of the
+    sequence. ``s * b`` must divide by ``tp * chunks_per_rank``.
+    """
+    return MatmulReduceScatterFunction.apply(x, weight, group, chunks_per_rank)

@@ -73,15 +73,6 @@ class ParallelState:
                              "ranks have an embedding group (check is_in_embedding_group() first)")
         return info
 
-    def process_groups(self) -> list[dist.ProcessGroup]:
-        """The distinct process group objects this rank belongs to (kinds with equal ranks share)."""
-        unique = {}
-        for kind in GROUP_KINDS:
-            info = getattr(self, kind)
-            if info is not None:
-                unique.setdefault(id(info.group), info.group)
-        return list(unique.values())
-
 
 _current: ParallelState | None = None
 
@@ -113,30 +104,45 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
     layout = Layout.create(world_size, tp=tp, pp=pp, cp=cp, dp=dp, order=order)
     all_groups = rank_groups(world_size, tp=tp, pp=pp, cp=cp, dp=dp, order=order)
 
-    # Every rank must call new_group for every group, in the same order, member or not. Kinds
-    # whose rank lists coincide (dp_cp = dp when cp = 1, ...) share one communicator: each costs
-    # sockets on gloo and device memory on NCCL.
-    created: dict[tuple[int, ...], dist.ProcessGroup] = {}
     mine: dict[str, GroupInfo | None] = {"embedding": None}
     for kind in GROUP_KINDS:
         for ranks in all_groups[kind]:
             key = tuple(ranks)
-            if key not in created:
-                created[key] = dist.new_group(list(key), backend=backend, timeout=timeout,
-                                              group_desc=f"parallelkit_{kind}")
+            group = _communicator(key, backend, timeout, kind)
             if rank in key:
-                mine[kind] = GroupInfo(kind, created[key], key, key.index(rank))
+                mine[kind] = GroupInfo(kind, group, key, key.index(rank))
     _current = ParallelState(layout=layout, global_rank=rank, virtual_pp=virtual_pp, **mine)
     return _current
 
 
-def destroy() -> None:
-    """Destroy this rank's MPU groups; the world process group stays. A no-op if uninitialized."""
+# Communicators by (world, ranks, backend, timeout), kept across destroy()/initialize(): making
+# one is a rendezvous through the store plus a connection per peer (and device memory on NCCL),
+# and a process that switches layouts (tests, planners, elastic restarts) meets the same rank
+# lists again. Kinds whose rank lists coincide (dp_cp = dp when cp = 1, ...) share one.
+_communicators: dict[tuple, dist.ProcessGroup] = {}
+
+
+def _communicator(ranks: tuple[int, ...], backend, timeout, kind: str) -> dist.ProcessGroup:
+    # Every rank calls this for every group, in the same order, member or not, and every rank
+    # has seen the same sequence of layouts, so all ranks agree on which entries are new.
+    key = (id(dist.group.WORLD), ranks, backend, timeout)
+    if key not in _communicators:
+        _communicators[key] = dist.new_group(list(ranks), backend=backend, timeout=timeout,
+                                             group_desc=f"parallelkit_{kind}")
+    return _communicators[key]
+
+
+def destroy(free_communicators: bool = False) -> None:
+    """Forget the current layout so that :func:`initialize` can run again; the world process
+    group stays. Communicators are kept for reuse unless ``free_communicators`` (then every
+    rank must call it). A no-op if uninitialized."""
     global _current
-    state, _current = _current, None
-    if state is not None:
-        for group in state.process_groups():
-            dist.destroy_process_group(group)
+    _current = None
+    if free_communicators:
+        for group in _communicators.values():
+            if group != dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(group)
+        _communicators.clear()
 
 
 def is_initialized() -> bool:

@@ -82,7 +82,7 @@ def _reinitialize_with_other_sizes():
     state = mpu.initialize(tp=4, virtual_pp=None)
     assert state.layout.dp == 2
     assert comm.group_members(state.tp.group) == ([0, 1, 2, 3] if dist.get_rank() < 4 else [4, 5, 6, 7])
-    mpu.destroy()
+    mpu.destroy(free_communicators=True)  # and again after really freeing the communicators
     state = mpu.initialize(pp=2, virtual_pp=3)
     assert mpu.get_virtual_pp_world_size() == 3
     assert mpu.is_pipeline_first_stage(vp_stage=1) is False

@@ -54,6 +54,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "y [m, n] = this rank's rows of reduce_scatter(x [tp*m, k] @ weight[n, k]^T), "
         "communication overlapped with the matmuls.");
+  // One double-buffered ring step for orchestration written in Python (ring attention calls
+  // Triton kernels between start and wait, so its loop lives where those kernels are launched).
+  py::class_<parallelkit::PendingExchange>(m, "PendingExchange")
+      .def("wait", &parallelkit::PendingExchange::wait, py::call_guard<py::gil_scoped_release>(),
+           "Block (gloo) or order the current stream (NCCL) until the exchange has finished.");
+  m.def("start_ring_exchange", &parallelkit::start_ring_exchange, py::arg("pg"), py::arg("send"),
+        py::arg("recv"), py::arg("tag"), py::call_guard<py::gil_scoped_release>(),
+        "Send `send` to the next rank of pg and receive `recv` from the previous one, "
+        "asynchronously; returns a PendingExchange.");
   m.def("cuda_compiled", [] { return kCudaCompiled; }, "Whether the CUDA kernels were built.");
   m.def("cuda_arches", &cuda_arches, "TORCH_CUDA_ARCH_LIST entries compiled, e.g. ['9.0'].");
 }

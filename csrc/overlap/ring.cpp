@@ -18,6 +18,19 @@ std::vector<WorkPtr> start_exchange(const ProcessGroupPtr& pg, const Ring& ring,
           pg->recv(recv_list, static_cast<int>(ring.prev), static_cast<int>(tag))};
 }
 
+PendingExchange start_ring_exchange(const ProcessGroupPtr& pg, const at::Tensor& send,
+                                    const at::Tensor& recv, int64_t tag) {
+  TORCH_CHECK(pg, "start_ring_exchange: the process group is None");
+  TORCH_CHECK(send.is_contiguous() && recv.is_contiguous(),
+              "start_ring_exchange: send and recv must be contiguous; pass .contiguous() buffers");
+  TORCH_CHECK(send.sizes() == recv.sizes() && send.scalar_type() == recv.scalar_type() &&
+                  send.device() == recv.device(),
+              "start_ring_exchange: send ", send.sizes(), " ", send.scalar_type(), " on ",
+              send.device(), " and recv ", recv.sizes(), " ", recv.scalar_type(), " on ",
+              recv.device(), " must match: every rank sends what its neighbour receives");
+  return {start_exchange(pg, Ring(pg), send, recv, tag)};
+}
+
 void wait_all(std::vector<WorkPtr>& works) {
   // On NCCL wait() only makes the current stream wait for the communication stream: the host
   // does not block, and the matmuls already queued keep the GPU busy.

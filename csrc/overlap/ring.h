@@ -35,4 +35,13 @@ std::vector<WorkPtr> start_exchange(const ProcessGroupPtr& pg, const Ring& ring,
 
 void wait_all(std::vector<WorkPtr>& works);
 
+// start_exchange for callers outside C++: holds the works (and so the buffers) until wait().
+struct PendingExchange {
+  std::vector<WorkPtr> works;
+  void wait() { wait_all(works); }
+};
+
+PendingExchange start_ring_exchange(const ProcessGroupPtr& pg, const at::Tensor& send,
+                                    const at::Tensor& recv, int64_t tag);
+
 }  // namespace parallelkit

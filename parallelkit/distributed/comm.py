@@ -109,6 +109,23 @@ def split(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     return x.chunk(p, dim)[dist.get_rank(group)].contiguous()
 
 
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
+               group: dist.ProcessGroup) -> torch.Tensor:
+    """Chunk ``x`` along ``scatter_dim`` and send chunk i to group rank i; concatenate the chunks
+    received, in rank order, along ``gather_dim``."""
+    p = dist.get_world_size(group)
+    if p == 1:
+        return x
+    check_divisible(x, scatter_dim, p, "all-to-all")
+    # all_to_all_single exchanges slabs of dim 0: put the scattered dim first.
+    front = x.movedim(scatter_dim, 0).contiguous()
+    received = torch.empty_like(front)
+    record_traffic("all_to_all", _nbytes(front), group)
+    dist.all_to_all_single(received, front, group=group)
+    chunks = received.movedim(0, scatter_dim).chunk(p, scatter_dim)
+    return torch.cat(chunks, gather_dim)
+
+
 def check_divisible(x: torch.Tensor, dim: int, parts: int, what: str) -> None:
     if x.shape[dim] % parts:
         raise ValueError(f"cannot {what} a tensor of shape {tuple(x.shape)} along dim {dim} into "
@@ -131,3 +148,73 @@ def group_members(group: dist.ProcessGroup, device: torch.device | str = "cpu") 
         raise RuntimeError(f"group membership counts {counts} are not all 0 or 1: some rank "
                            "joined the all-reduce twice or with another group")
     return [rank for rank, count in enumerate(counts) if count == 1]
+
+
+# --- Flat buffers, asynchronously: data parallelism's gradient and parameter buckets -------------
+# Unlike the functions above, these write into buffers the caller owns (a bucket's flat gradient
+# or parameter storage, tens of MB): that is their point, no copy per bucket. Each returns a
+# handle at once so the caller can keep computing (the rest of backward) while the bytes move.
+
+
+class Handle:
+    """A collective in flight. ``wait()`` blocks until its output is written, then returns it."""
+
+    def __init__(self, work: dist.Work | None, result: torch.Tensor):
+        self._work, self.result = work, result
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self.result
+
+
+def _check_flat(buffer: torch.Tensor, what: str) -> None:
+    if buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError(f"{what} needs a contiguous 1-D buffer, got shape {tuple(buffer.shape)} "
+                         f"(contiguous={buffer.is_contiguous()})")
+
+
+def all_reduce_async_(buffer: torch.Tensor, group: dist.ProcessGroup) -> Handle:
+    """Sum ``buffer`` [n] over the group, in place; the handle's ``wait()`` returns ``buffer``."""
+    _check_flat(buffer, "all_reduce_async_")
+    if dist.get_world_size(group) == 1:
+        return Handle(None, buffer)
+    record_traffic("all_reduce", _nbytes(buffer), group)
+    return Handle(dist.all_reduce(buffer, group=group, async_op=True), buffer)
+
+
+def reduce_scatter_async(buffer: torch.Tensor, out: torch.Tensor,
+                         group: dist.ProcessGroup) -> Handle:
+    """``out`` [n/p] ← this member's chunk (group-rank order) of the sum of ``buffer`` [n].
+
+    ``buffer`` is left as it was; ``out`` must not overlap it (gloo does not promise in-place).
+    """
+    _check_flat(buffer, "reduce_scatter_async")
+    p = dist.get_world_size(group)
+    check_divisible(buffer, 0, p, "reduce-scatter")
+    if out.shape != (buffer.numel() // p,):
+        raise ValueError(f"reduce_scatter_async: out has shape {tuple(out.shape)}, expected "
+                         f"({buffer.numel() // p},): the buffer's {buffer.numel()} elements over "
+                         f"the group's {p} members")
+    if p == 1:
+        out.copy_(buffer)
+        return Handle(None, out)
+    record_traffic("reduce_scatter", _nbytes(buffer), group)
+    return Handle(_reduce_scatter_single(out, buffer, group=group, async_op=True), out)
+
+
+def all_gather_async_(buffer: torch.Tensor, group: dist.ProcessGroup) -> Handle:
+    """Fill ``buffer`` [n] in place from every member's own chunk ``buffer.chunk(p)[rank]``.
+
+    In place on purpose (the chunk is a view of the output, which NCCL and gloo both support): a
+    distributed optimizer gathers updated parameter shards straight into the parameters' storage.
+    """
+    _check_flat(buffer, "all_gather_async_")
+    p = dist.get_world_size(group)
+    check_divisible(buffer, 0, p, "all-gather")
+    if p == 1:
+        return Handle(None, buffer)
+    record_traffic("all_gather", _nbytes(buffer), group)
+    shard = buffer.chunk(p)[dist.get_rank(group)]
+    return Handle(_all_gather_single(buffer, shard, group=group, async_op=True), buffer)

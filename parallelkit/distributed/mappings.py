@@ -10,6 +10,7 @@ Each function is an autograd Function whose backward is the adjoint of its forwa
     scatter_to_sp_region    split dim 0  all-gather dim 0            entering sequence parallel
     gather_from_sp_region   all-gather 0 reduce-scatter 0 (or split) column-parallel under SP
     reduce_scatter_to_sp_region  reduce-scatter 0  all-gather 0      row-parallel under SP
+    all_to_all              split a, gather b   split b, gather a    Ulysses context parallelism
 
 Sequence-parallel tensors are sequence-first, ``[s/tp, b, h]``, as in Megatron, so the sequence
 is dim 0 and every collective works on contiguous slabs.
@@ -75,6 +76,18 @@ class _Gather(torch.autograd.Function):
         return comm.split(grad, ctx.dim, ctx.group), None, None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return comm.all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return comm.all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
 def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``x`` replicated on the TP ranks enters a region whose ranks each use all of it."""
     return _CopyToTP.apply(x, group)
@@ -114,3 +127,11 @@ def gather_from_sp_region(x: torch.Tensor, group: dist.ProcessGroup,
 def reduce_scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Partial sums ``x: [s, b, h]`` → ``[s/tp, b, h]``, this rank's part of their total."""
     return _Scatter.apply(x, 0, group, True)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
+               group: dist.ProcessGroup) -> torch.Tensor:
+    """Split ``x`` along ``scatter_dim`` across the group and concatenate what every rank sent
+    along ``gather_dim`` (rank order); backward is the reverse all-to-all. Ulysses uses it to
+    trade a sequence split ([b, h, s/p, d]) for a head split ([b, h/p, s, d])."""
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)

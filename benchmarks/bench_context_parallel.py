@@ -1,0 +1,117 @@
+"""Context parallelism: activation memory per rank and causal load balance of the ring.
+
+Activation memory is measured as the bytes autograd saves for backward (``saved_tensors_hooks``)
+in one forward of ``ContextParallelAttention`` on each CP rank, against single-device SDPA over
+the whole sequence; the goal is ≤ 1.1 × (1/cp of full). Load balance is each rank's busy time in
+the attention block kernels during forward + backward, as max/mean over ranks, for the zigzag and
+the contiguous layouts (goal ≤ 1.05 for zigzag).
+
+    python -m benchmarks.bench_context_parallel [--cp 4 --seq 1024 2048 4096 --heads 8 --dim 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import parallelkit.ops.ring_attention as ring_module
+from benchmarks._harness import format_table, write_results
+from parallelkit import mpu
+from parallelkit.context_parallel import ContextParallelAttention, split_for_context_parallel
+from parallelkit.launch import LocalWorld
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def inputs(seq: int, heads: int, dim: int):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, heads, seq, dim, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def measure(cp: int, seq: int, heads: int, dim: int, layout: str) -> dict:
+    """On one rank: activation bytes of the ring and its busy time in the block kernels."""
+    group = mpu.initialize(cp=cp).cp.group
+    rank = dist.get_rank(group)
+    local = [split_for_context_parallel(t.detach(), rank, cp, dim=2, layout=layout)
+             .requires_grad_() for t in inputs(seq, heads, dim)]
+    attention = ContextParallelAttention(group, layout)
+    ring_bytes = saved_bytes(lambda: attention(*local, is_causal=True))
+
+    busy = [0.0]
+    timed = {}
+    for name in ("attention_block_forward", "attention_block_backward"):
+        original = getattr(ring_module, name)
+
+        def clocked(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            result = _original(*args, **kwargs)
+            busy[0] += time.perf_counter() - start
+            return result
+
+        timed[name] = original
+        setattr(ring_module, name, clocked)
+    try:
+        out = attention(*local, is_causal=True)
+        out.sum().backward()
+    finally:
+        for name, original in timed.items():
+            setattr(ring_module, name, original)
+    return {"ring_bytes": ring_bytes, "busy_s": busy[0]}
+
+
+def full_attention_bytes(seq: int, heads: int, dim: int) -> int:
+    q, k, v = inputs(seq, heads, dim)
+    return saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def run(cp: int, seqs: list[int], heads: int, dim: int) -> list[dict]:
+    rows = []
+    with LocalWorld(cp) as world:
+        for seq in seqs:
+            full = full_attention_bytes(seq, heads, dim)
+            for layout in ("zigzag", "contiguous"):
+                per_rank = world.run(measure, cp, seq, heads, dim, layout, timeout=600)
+                busy = [r["busy_s"] for r in per_rank]
+                peak = max(r["ring_bytes"] for r in per_rank)
+                rows.append({"cp": cp, "seq": seq, "layout": layout,
+                             "full_MB": full / 1e6, "ring_MB/rank": peak / 1e6,
+                             "ring/(full/cp)": peak / (full / cp),
+                             "busy_ms_min": min(busy) * 1e3, "busy_ms_max": max(busy) * 1e3,
+                             "balance_max/mean": max(busy) / (sum(busy) / len(busy))})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cp", type=int, default=4)
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    args = parser.parse_args(argv)
+    rows = run(args.cp, args.seq, args.heads, args.dim)
+    print(format_table(rows, [("cp", "d"), ("seq", "d"), ("layout", ""), ("full_MB", ".1f"),
+                              ("ring_MB/rank", ".2f"), ("ring/(full/cp)", ".2f"),
+                              ("busy_ms_min", ".1f"), ("busy_ms_max", ".1f"),
+                              ("balance_max/mean", ".3f")]))
+    path = write_results("context_parallel", rows, {**vars(args), "backend": "gloo",
+                                                    "dtype": "float32", "causal": True})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,5 +3,7 @@ with shapes in the docstring."""
 
 from parallelkit.ops.attention_block import attention_block_backward, attention_block_forward
 from parallelkit.ops.attention_merge import merge_attention_partials_
+from parallelkit.ops.norms import ParallelNormFunction, parallel_layer_norm, parallel_rms_norm
 
-__all__ = ["attention_block_forward", "attention_block_backward", "merge_attention_partials_"]
+__all__ = ["attention_block_forward", "attention_block_backward", "merge_attention_partials_",
+           "ParallelNormFunction", "parallel_layer_norm", "parallel_rms_norm"]

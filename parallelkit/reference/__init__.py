@@ -2,5 +2,6 @@
 
 from parallelkit.reference.attention import attention_block_reference
 from parallelkit.reference.attention_merge import merge_attention_partials
+from parallelkit.reference.norms import layer_norm, rms_norm
 
-__all__ = ["attention_block_reference", "merge_attention_partials"]
+__all__ = ["attention_block_reference", "merge_attention_partials", "layer_norm", "rms_norm"]

@@ -2,6 +2,7 @@
 
 from parallelkit.tensor_parallel.embedding import VocabParallelEmbedding
 from parallelkit.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
+from parallelkit.tensor_parallel.norms import ParallelLayerNorm, ParallelRMSNorm
 from parallelkit.tensor_parallel.random import (RNGStatesTracker, get_rng_tracker,
                                                 model_parallel_seed)
 from parallelkit.tensor_parallel.sequence_parallel import (mark_sequence_parallel,
@@ -10,6 +11,7 @@ from parallelkit.tensor_parallel.sequence_parallel import (mark_sequence_paralle
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "ParallelLayerNorm", "ParallelRMSNorm",
     "RNGStatesTracker", "get_rng_tracker", "model_parallel_seed",
     "mark_sequence_parallel", "sync_sequence_parallel_grads",
     "register_sequence_parallel_grad_hooks",

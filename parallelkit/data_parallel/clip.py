@@ -1,0 +1,106 @@
+"""Gradient clipping by the global norm of the whole model, whatever its layout.
+
+The norm a single process would compute over the full model's gradients is assembled from the
+pieces each rank holds:
+
+- TP: a sharded parameter's gradient is split across TP ranks, so the shards' norm² is summed
+  over TP. A TP-replicated parameter (``tp_shard_dim`` missing or None: norms, row-parallel
+  biases, sequence-parallel parameters once synced) is the same on every TP rank, so only TP
+  rank 0 counts it.
+- PP: each stage holds other layers: summed over PP. TP and PP together are the MPU's "mp" group.
+- DP (and CP): after an all-reduce every replica holds the same averaged gradient, so replicas
+  are not summed. With the distributed optimizer each DP rank holds a disjoint shard instead, so
+  the shards are summed over the DP (x CP) group too (:meth:`DistributedOptimizer.clip_grad_norm`).
+
+A parameter held by two pipeline stages (tied input/output embeddings) must be passed on one of
+them only, or it is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallelkit.distributed import comm, mpu
+
+
+def is_tp_replicated(param: torch.Tensor) -> bool:
+    """Whether ``param`` is whole on every TP rank (not a shard of a larger tensor)."""
+    return getattr(param, "tp_shard_dim", None) is None
+
+
+def global_grad_norm(grads: list[torch.Tensor], replicated: list[bool], norm_type: float = 2.0,
+                     *, tp_group: dist.ProcessGroup | None = None,
+                     sum_groups: list[dist.ProcessGroup] | None = None) -> torch.Tensor:
+    """The ``norm_type``-norm of all the model's gradients, the same on every rank.
+
+    Args:
+        grads: this rank's gradient tensors (any shapes).
+        replicated: per gradient, whether its parameter is TP-replicated (counted on TP rank 0).
+        tp_group: decides "TP rank 0"; default the MPU's TP group.
+        sum_groups: the groups over which the local pieces are combined; default ``[mp]``.
+    Returns a 0-d float64 tensor. Each gradient's norm is computed in float32 (float64 for
+    float64 gradients); the partial sums are float64 so that every rank, even one holding no
+    gradient (a ZeRO shard of padding), enters the collectives with the same dtype.
+    """
+    _check_norm_type(norm_type)
+    tp_group = tp_group if tp_group is not None else mpu.get_tp_group()
+    sum_groups = sum_groups if sum_groups is not None else [mpu.get_group("mp")]
+    first_tp_rank = dist.get_rank(tp_group) == 0
+    counted = [g.detach() for g, rep in zip(grads, replicated) if first_tp_rank or not rep]
+    local = torch.zeros((), dtype=torch.float64, device=_device(grads, sum_groups[0]))
+    for grad in counted:
+        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(grad, norm_type, dtype=dtype).double()
+        # inf: the largest |g|; p: sum |g|^p, so that the pieces on other ranks simply add
+        local = torch.maximum(local, norm) if math.isinf(norm_type) else local + norm ** norm_type
+    for group in sum_groups:
+        local = comm.all_reduce(local, group, op="max" if math.isinf(norm_type) else "sum")
+    return local if math.isinf(norm_type) else local ** (1.0 / norm_type)
+
+
+def scale_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Multiply ``grads`` in place by ``min(1, max_norm / (total_norm + 1e-6))`` (torch's rule).
+
+    Always multiplies (by 1.0 when under the limit, which is exact) so that on a GPU no value is
+    read back to the host to decide.
+    """
+    coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, coefficient.to(dtype))
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0,
+                    *, tp_group: dist.ProcessGroup | None = None,
+                    mp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model split over TP and PP and replicated over DP.
+
+    ``parameters``: this rank's parameters (this pipeline stage's, TP shards), with gradients
+    already averaged over DP (after ``finish_grad_sync``). Groups default to the MPU's TP and mp.
+    Returns the global norm (before clipping), equal on every rank.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
+    total = global_grad_norm(grads, [is_tp_replicated(p) for p in params], norm_type,
+                             tp_group=tp_group, sum_groups=[mp_group])
+    scale_grads_(grads, max_norm, total)
+    return total
+
+
+def _device(grads: list[torch.Tensor], group: dist.ProcessGroup) -> torch.device:
+    if grads:
+        return grads[0].device
+    return torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _check_norm_type(norm_type: float) -> None:
+    if not norm_type > 0:  # also rejects nan
+        raise ValueError(f"norm_type={norm_type!r} must be a positive number or inf")

@@ -1,0 +1,222 @@
+"""Data parallelism with bucketed gradients whose collectives overlap the backward pass.
+
+    model = DistributedDataParallel(model)           # groups from the MPU
+    for step in ...:
+        for i, micro_batch in enumerate(micro_batches):
+            with model.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                loss_fn(model(micro_batch)).backward()
+        model.finish_grad_sync()                      # waits; gradients are now averaged
+        optimizer.step()
+        model.zero_grad_buffer()
+
+What happens in backward: a post-accumulate-grad hook on every parameter marks its gradient
+ready; when every gradient of a bucket is ready the bucket's all-reduce (reduce-scatter with the
+distributed optimizer) starts asynchronously while autograd goes on with earlier layers. Buckets
+start strictly in bucket order, as torch DDP's reducer does, so every rank issues the same
+collectives in the same order even when a gradient arrives on some ranks and not on others.
+``finish_grad_sync`` starts whatever did not start (buckets holding unused parameters, or all of
+them with ``overlap_grad_reduce=False``) and waits for everything.
+
+Averaging group: DP x CP when the MPU has cp > 1 (CP ranks see other tokens of the same samples,
+so their gradients are partial too), DP otherwise. Gradients are scaled by 1/size before the sum:
+gloo has no AVG, and a pre-scaled fp16/bf16 sum stays in range.
+
+Sequence parallelism: parameters marked ``sequence_parallel`` (norms, biases after a row-parallel
+reduce-scatter) hold a partial gradient on each TP rank. The wrapper sums them over TP itself,
+in the bucket holding them, just before that bucket's DP collective starts (one flat all-reduce
+per bucket, after the last micro-batch only). So do not also call
+``tensor_parallel.sync_sequence_parallel_grads`` or register its hooks, or pass
+``sync_sequence_parallel=False`` if you do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallelkit.data_parallel.buckets import DEFAULT_BUCKET_BYTES, Bucket, plan_buckets
+from parallelkit.distributed import comm, mpu
+from parallelkit.tensor_parallel.sequence_parallel import is_sequence_parallel
+from parallelkit.tensor_parallel.sharding import resolve_tp_group
+
+
+def default_dp_group() -> dist.ProcessGroup:
+    """The MPU's gradient-averaging group: DP x CP when cp > 1, else DP."""
+    return mpu.get_dp_group(with_context_parallel=mpu.get_cp_world_size() > 1)
+
+
+class DistributedDataParallel(nn.Module):
+    """Wraps ``module``; its trainable parameters' gradients become views into flat buckets.
+
+    Args:
+        module: the model, or this pipeline stage's part of it. Existing ``.grad`` are dropped.
+        dp_group: the group gradients are averaged over; default :func:`default_dp_group`.
+        bucket_bytes: target bucket size in bytes (> 0); a bucket closes once it is reached.
+        overlap_grad_reduce: start each bucket's collective from backward as soon as it is
+            complete (True), or all of them in ``finish_grad_sync`` (False: sync after backward).
+        use_distributed_optimizer: reduce-scatter instead of all-reduce, buckets padded to a
+            multiple of the DP size and owning the parameters' storage, as
+            :class:`~parallelkit.data_parallel.zero.DistributedOptimizer` needs.
+        tp_group: where sequence-parallel gradients are summed; default the MPU's TP group
+            (looked up only if some parameter is marked ``sequence_parallel``).
+        sync_sequence_parallel: False if the caller already reduces those gradients over TP.
+    """
+
+    def __init__(self, module: nn.Module, dp_group: dist.ProcessGroup | None = None, *,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_grad_reduce: bool = True,
+                 use_distributed_optimizer: bool = False,
+                 tp_group: dist.ProcessGroup | None = None, sync_sequence_parallel: bool = True):
+        super().__init__()
+        plans = plan_buckets([p for p in module.parameters() if p.requires_grad], bucket_bytes)
+        self.module = module
+        self.dp_group = dp_group if dp_group is not None else default_dp_group()
+        self.dp_size = dist.get_world_size(self.dp_group)
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.use_distributed_optimizer = use_distributed_optimizer
+        shards = self.dp_size if use_distributed_optimizer else 1
+        self.buckets = [Bucket.create(i, params, shards, own_params=use_distributed_optimizer)
+                        for i, params in enumerate(plans)]
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        # Per bucket, its sequence-parallel parameters (summed over TP before the DP collective).
+        self._sp_params = [[p for p in b.params if is_sequence_parallel(p)] for b in self.buckets]
+        self.tp_group = None
+        if sync_sequence_parallel and any(self._sp_params):
+            self.tp_group = resolve_tp_group(tp_group)
+        self._sync_enabled = True
+        self._arrived: set[int] = set()  # parameters that got a gradient since the last sync
+        self._next_bucket = 0  # buckets below this index have started their collective
+        self.unused_parameters: list[str] = []  # no gradient in the last synchronised round
+        self.sync_round = 0  # counts finish_grad_sync()s that synced and zero_grad_buffer()s
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+                       for b in self.buckets for p in b.params]
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def bucketed_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters this wrapper synchronises, in bucket order (last layer first)."""
+        for bucket in self.buckets:
+            yield from bucket.params
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally: no collective for the backward passes inside the block.
+        Use it for every micro-batch but the last, whose backward then syncs the sum."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def finish_grad_sync(self) -> None:
+        """Start the collectives that have not started, wait for all of them.
+
+        Afterwards every ``param.grad`` is the average over the DP group (with the distributed
+        optimizer: each bucket's ``grad_shard`` is this rank's averaged shard, and ``param.grad``
+        only this rank's own gradient / size). A no-op when no gradient arrived since the last
+        call.
+        """
+        if not self._sync_enabled:
+            raise RuntimeError("finish_grad_sync() was called inside no_sync(): call it after "
+                               "the last micro-batch's backward, outside the no_sync() block")
+        if not self._arrived and self._next_bucket == 0:
+            return
+        self._start_in_order(complete_only=False)  # buckets with unused parameters, or no overlap
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+            bucket.ready.clear()
+        self.unused_parameters = [self._name(p) for p in self.bucketed_parameters()
+                                  if id(p) not in self._arrived]
+        self._arrived.clear()
+        self._next_bucket = 0
+        self.sync_round += 1
+
+    def check_grads_synced(self) -> None:
+        """Raise unless every gradient that arrived has been synchronised (before a step)."""
+        if self._arrived or self._next_bucket:
+            raise RuntimeError("the gradients are not synchronised across data-parallel ranks: "
+                               "call finish_grad_sync() after the last micro-batch's backward "
+                               "and before optimizer.step()")
+
+    def guard_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Make ``optimizer.step()`` raise if called before ``finish_grad_sync()``; returns the
+        hook handle."""
+        return optimizer.register_step_pre_hook(lambda *_: self.check_grads_synced())
+
+    def zero_grad_buffer(self) -> None:
+        """Zero every bucket and point each ``param.grad`` back at its view (also undoing an
+        optimizer's ``zero_grad(set_to_none=True)``)."""
+        if self._next_bucket:
+            raise RuntimeError("zero_grad_buffer() while collectives are in flight: call "
+                               "finish_grad_sync() first")
+        for bucket in self.buckets:
+            bucket.grad_data.zero_()
+            if bucket.grad_shard is not None:
+                bucket.grad_shard.zero_()
+            bucket.ready.clear()
+            for param in bucket.params:
+                param.grad = bucket.grad_view(param)
+        self._arrived.clear()
+        self.sync_round += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the buckets whatever ``set_to_none`` says: the gradients must stay views."""
+        self.zero_grad_buffer()
+
+    def _on_grad_accumulated(self, param: nn.Parameter) -> None:
+        bucket = self._bucket_of[id(param)]
+        if bucket.handle is not None:
+            raise RuntimeError(f"a gradient of {self._name(param)} arrived while its bucket's "
+                               "collective is in flight: call finish_grad_sync() after the last "
+                               "micro-batch's backward, before the next backward")
+        view = bucket.grad_view(param)
+        if param.grad.data_ptr() != view.data_ptr():
+            # Someone replaced .grad (zero_grad(set_to_none=True), create_graph): param.grad then
+            # holds the whole accumulated gradient, so copy it in rather than add.
+            view.copy_(param.grad)
+            param.grad = view
+        self._arrived.add(id(param))
+        if not self._sync_enabled:
+            return
+        if id(param) in bucket.ready:
+            raise RuntimeError(f"{self._name(param)} got a second gradient in one synchronised "
+                               "round: run every micro-batch but the last under no_sync(), and "
+                               "call finish_grad_sync() after the last")
+        bucket.ready.add(id(param))
+        if self.overlap_grad_reduce:
+            self._start_in_order(complete_only=True)
+
+    def _start_in_order(self, complete_only: bool) -> None:
+        """Start buckets strictly in index order, the same on every rank whatever order their
+        gradients arrived in; with ``complete_only``, stop at the first incomplete bucket."""
+        while self._next_bucket < len(self.buckets):
+            bucket = self.buckets[self._next_bucket]
+            if complete_only and len(bucket.ready) < len(bucket.params):
+                return
+            self._start(bucket)
+            self._next_bucket += 1
+
+    def _start(self, bucket: Bucket) -> None:
+        """Sum the bucket's sequence-parallel gradients over TP, then start its DP collective."""
+        sp_params = self._sp_params[bucket.index]
+        if sp_params and self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            views = [bucket.grad_view(p) for p in sp_params]
+            summed = comm.all_reduce(torch._utils._flatten_dense_tensors(views), self.tp_group)
+            for view, total in zip(views, torch._utils._unflatten_dense_tensors(summed, views)):
+                view.copy_(total)
+        if self.dp_size > 1:
+            bucket.grad_data.mul_(1.0 / self.dp_size)
+        if self.use_distributed_optimizer:
+            bucket.handle = comm.reduce_scatter_async(bucket.grad_data, bucket.grad_shard,
+                                                      self.dp_group)
+        else:
+            bucket.handle = comm.all_reduce_async_(bucket.grad_data, self.dp_group)
+
+    def _name(self, param: nn.Parameter) -> str:
+        return self._names.get(id(param), f"a parameter of shape {tuple(param.shape)}")

@@ -1,0 +1,168 @@
+"""ZeRO stage 1: the optimizer's state split across data-parallel ranks.
+
+    model = DistributedDataParallel(model, use_distributed_optimizer=True)
+    optimizer = DistributedOptimizer(model, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    loss.backward(); model.finish_grad_sync()        # reduce-scatter: each rank its shard
+    optimizer.clip_grad_norm(1.0)                    # optional
+    optimizer.step()                                 # update the shard, all-gather the parameters
+    optimizer.zero_grad()
+
+Each bucket's flat buffer ``[numel]`` (``numel`` a multiple of the DP size p) splits into p equal
+shards; DP rank r owns ``[r * numel/p, (r+1) * numel/p)``. After the reduce-scatter in backward
+it holds the averaged gradient of just that range (``bucket.grad_shard``). The wrapped optimizer
+(torch's AdamW, unchanged) is built over *master* tensors: one view per parameter piece inside
+the range, cut from a flat master copy of the shard, so Adam's moments cost 1/p of the model per
+rank and per-parameter options (param groups) still apply. ``step`` updates the masters, writes
+them (cast to the model dtype) into this rank's range of the bucket's parameter buffer, and
+all-gathers that buffer in place: ``param.data`` are views into it, so no copy follows.
+
+Master precision: a bf16/fp16 model gets fp32 masters by default (the bf16 weights are then only
+the rounding of the fp32 masters the optimizer keeps); fp32/fp64 models keep their dtype, and the
+masters' gradients are then views of the reduce-scatter output itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallelkit.data_parallel import clip
+from parallelkit.data_parallel.buckets import Bucket
+from parallelkit.data_parallel.ddp import DistributedDataParallel
+from parallelkit.distributed import comm, mpu
+
+
+@dataclass
+class Shard:
+    """This rank's range ``[start, start + numel)`` of one bucket, in master precision."""
+
+    bucket: Bucket
+    start: int
+    master: torch.Tensor       # [numel/p] master weights of the range
+    master_grad: torch.Tensor  # [numel/p] their gradient (the bucket's grad_shard when same dtype)
+    pieces: list[tuple[nn.Parameter, torch.Tensor]]  # (model parameter, its master view)
+
+
+class DistributedOptimizer:
+    """Wraps a torch optimizer so that each DP rank keeps state for its shard only.
+
+    Args:
+        model: a :class:`DistributedDataParallel` built with ``use_distributed_optimizer=True``.
+        optimizer_cls: the optimizer to wrap (default ``torch.optim.AdamW``).
+        param_groups: like a torch optimizer's: dicts with ``"params"`` (model parameters) and
+            per-group options. Default: one group with every synchronised parameter.
+        master_dtype: the masters' dtype; default float32 for 16-bit models, else the model's.
+        **optimizer_kwargs: passed to ``optimizer_cls`` (lr, betas, weight_decay, ...).
+    ``self.optimizer`` is the inner optimizer (give it to an LR scheduler).
+    """
+
+    def __init__(self, model: DistributedDataParallel,
+                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW,
+                 param_groups: list[dict[str, Any]] | None = None,
+                 master_dtype: torch.dtype | None = None, **optimizer_kwargs):
+        if not getattr(model, "use_distributed_optimizer", False):
+            raise ValueError("DistributedOptimizer needs the model wrapped as "
+                             "DistributedDataParallel(module, use_distributed_optimizer=True): "
+                             "its buckets must be reduce-scattered and own the parameters")
+        self.model = model
+        self.dp_rank = dist.get_rank(model.dp_group)
+        if param_groups is None:
+            param_groups = [{"params": list(model.bucketed_parameters())}]
+        group_of = self._group_index(model, param_groups)
+        inner_groups = [{**group, "params": []} for group in param_groups]
+        self.shards: list[Shard] = []
+        for bucket in model.buckets:
+            shard = self._make_shard(bucket, master_dtype)
+            for param, master in shard.pieces:
+                inner_groups[group_of[id(param)]]["params"].append(master)
+            self.shards.append(shard)
+        self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
+        self._copied_round = -1  # the model's sync round whose gradients the masters hold
+
+    def _make_shard(self, bucket: Bucket, master_dtype: torch.dtype | None) -> Shard:
+        start = self.dp_rank * bucket.shard_numel
+        model_dtype = bucket.param_data.dtype
+        dtype = master_dtype or (torch.float32 if model_dtype in (torch.bfloat16, torch.float16)
+                                 else model_dtype)
+        master = bucket.param_data[start:start + bucket.shard_numel].to(dtype, copy=True)
+        master_grad = (bucket.grad_shard if dtype == bucket.grad_shard.dtype
+                       else torch.zeros_like(master))
+        pieces = []
+        for param, lo, hi in bucket.shard_pieces(self.dp_rank):
+            # A view of a tensor that does not require grad is a leaf: torch optimizers take it.
+            piece = master[lo - start:hi - start]
+            piece.grad = master_grad[lo - start:hi - start]
+            pieces.append((param, piece))
+        return Shard(bucket, start, master, master_grad, pieces)
+
+    @staticmethod
+    def _group_index(model: DistributedDataParallel, param_groups) -> dict[int, int]:
+        group_of: dict[int, int] = {}
+        for index, group in enumerate(param_groups):
+            for param in group["params"]:
+                if id(param) not in model._bucket_of:
+                    raise ValueError(f"param_groups[{index}] holds a parameter of shape "
+                                     f"{tuple(param.shape)} that the model does not synchronise")
+                group_of[id(param)] = index
+        missing = [model._name(p) for p in model.bucketed_parameters() if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"parameters in no param group: {missing}")
+        return group_of
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def _master_grads(self) -> list[torch.Tensor]:
+        """The masters' gradients, copied (cast) from the reduce-scatter output once per round, so
+        that a clip before ``step`` is not overwritten by it."""
+        self.model.check_grads_synced()
+        if self._copied_round != self.model.sync_round:
+            for shard in self.shards:
+                if shard.master_grad is not shard.bucket.grad_shard:
+                    shard.master_grad.copy_(shard.bucket.grad_shard)
+            self._copied_round = self.model.sync_round
+        return [master.grad for shard in self.shards for _, master in shard.pieces]
+
+    def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0, *,
+                       tp_group: dist.ProcessGroup | None = None,
+                       mp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """Clip the shards' gradients by the global norm; returns that norm (before clipping).
+
+        The shards are disjoint, so their norm² is summed over the DP group as well as over
+        the model-parallel group (MPU "mp" by default; TP-replicated parameters count once).
+        """
+        pieces = [(param, master) for shard in self.shards for param, master in shard.pieces]
+        grads = self._master_grads()
+        mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
+        total = clip.global_grad_norm(grads, [clip.is_tp_replicated(p) for p, _ in pieces],
+                                      norm_type, tp_group=tp_group,
+                                      sum_groups=[mp_group, self.model.dp_group])
+        clip.scale_grads_(grads, max_norm, total)
+        return total
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update this rank's shard, then all-gather every bucket's parameters in place."""
+        self._master_grads()
+        self.optimizer.step()
+        handles = []
+        for shard in self.shards:
+            bucket = shard.bucket
+            bucket.param_data[shard.start:shard.start + bucket.shard_numel].copy_(shard.master)
+            handles.append(comm.all_gather_async_(bucket.param_data, self.model.dp_group))
+        for handle in handles:
+            handle.wait()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the model's gradient buckets (the masters' gradients are views or overwritten)."""
+        self.model.zero_grad_buffer()
+
+    def state_bytes(self) -> int:
+        """Bytes of the inner optimizer's state tensors on this rank (Adam: two moments)."""
+        return sum(value.numel() * value.element_size() for state in self.optimizer.state.values()
+                   for value in state.values() if torch.is_tensor(value))

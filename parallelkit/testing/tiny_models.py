@@ -29,6 +29,14 @@ class TinyConfig:
     layers: int = 2
 
 
+class CoreAttention(nn.Module):
+    """Causal softmax attention of ``[b, heads, s, d]`` tensors: the piece context parallelism
+    swaps for ``ContextParallelAttention``, which takes the same call."""
+
+    def forward(self, q, k, v, is_causal: bool = True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
 class Block(nn.Module):
     """Pre-norm attention + MLP. Inputs and outputs are ``[s, b, h]`` (``[s/tp, b, h]`` under
     sequence parallelism); ``heads`` counts the heads this rank computes."""
@@ -41,6 +49,7 @@ class Block(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
         self.o_proj = nn.Linear(h, h)
         self.fc1, self.fc2 = nn.Linear(h, config.ffn), nn.Linear(config.ffn, h)
+        self.core_attention = CoreAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.o_proj(self._attention(self.ln1(x)))
@@ -52,7 +61,7 @@ class Block(nn.Module):
             return t.view(s, b, self.heads, -1).permute(1, 2, 0, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, s, d]
+        o = self.core_attention(q, k, v, is_causal=True)  # [b, heads, s, d]
         return o.permute(2, 0, 1, 3).flatten(2)
 
 

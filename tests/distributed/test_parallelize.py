@@ -1,0 +1,117 @@
+"""parallelize() on existing models: logits, loss and every gradient equal the unconverted model."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallelkit import mpu
+from parallelkit.context_parallel import (context_parallel_positions, gather_from_context_parallel,
+                                          split_for_context_parallel)
+from parallelkit.distributed import comm
+from parallelkit.parallelize import parallelize
+from parallelkit.testing import run_on_ranks
+from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.testing.tolerances import assert_close
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def next_token_labels(ids, seq_dim):
+    """labels[t] = ids[t + 1], the last position ignored: shifted before any CP split."""
+    labels = ids.roll(-1, seq_dim)
+    labels.select(seq_dim, ids.shape[seq_dim] - 1).fill_(-100)
+    return labels
+
+
+# Per model: build it, run it on (ids, positions) -> logits, and where its sequence dim is.
+MODELS = {
+    "llama": (tiny_llama, lambda m, ids, pos: m(input_ids=ids, position_ids=pos).logits, 1),
+    "tinylm": (lambda: TinyLM(TinyConfig(vocab=128, layers=2)), lambda m, ids, pos: m(ids), 0),
+}
+
+
+def _parity(name, tp, cp):
+    state = mpu.initialize(tp=tp, cp=cp)
+    build, run, seq_dim = MODELS[name]
+    torch.manual_seed(0)
+    dense = build()
+    model = parallelize(copy.deepcopy(dense))
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 16) if seq_dim == 1 else (16, 2)
+    ids = torch.randint(0, 128, shape, generator=g)
+    labels = next_token_labels(ids, seq_dim)
+    positions = torch.arange(16).expand(2, 16) if seq_dim == 1 else None
+
+    dense_logits = run(dense, ids, positions)
+    dense_loss = F.cross_entropy(dense_logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    tokens = (labels != -100).sum()
+    (dense_loss / tokens).backward()
+
+    cp_rank = state.cp.rank
+
+    def shard(t):
+        return split_for_context_parallel(t, cp_rank, cp, dim=seq_dim)
+
+    local_positions = None
+    if positions is not None:
+        local_positions = context_parallel_positions(16, cp_rank, cp).expand(2, -1)
+    logits = run(model, shard(ids), local_positions)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
+    (loss_sum / tokens).backward()
+    # Each CP rank saw its tokens only: its gradients and loss are partial sums over CP.
+    for p in model.parameters():
+        p.grad = comm.all_reduce(p.grad, state.cp.group)
+    assert_close(comm.all_reduce(loss_sum.detach(), state.cp.group), dense_loss.detach())
+    assert_close(gather_from_context_parallel(logits.detach(), state.cp.group, dim=seq_dim),
+                 dense_logits.detach())
+
+    dense_params = dict(dense.named_parameters())
+    for pname, param in model.named_parameters():
+        dim = getattr(param, "tp_shard_dim", None)
+        ref = dense_params[pname].grad
+        if dim is not None:
+            ref = ref.chunk(tp, dim)[state.tp.rank]
+        assert_close(param.grad, ref, name=pname)
+    return sorted(type(m).__name__ for m in model.modules())
+
+
+@pytest.mark.parametrize("name, tp, cp", [("llama", 2, 1), ("llama", 2, 2), ("tinylm", 2, 1),
+                                          ("tinylm", 2, 2), ("tinylm", 4, 1)])
+def test_converted_model_matches_dense(name, tp, cp):
+    modules = run_on_ranks(_parity, 4, name, tp, cp, timeout=180)[0]
+    assert "ColumnParallelLinear" in modules and "VocabParallelEmbedding" in modules
+    assert ("ContextParallelAttention" in modules) == (cp > 1 and name == "tinylm")
+
+
+def _bad_plans():
+    mpu.initialize(tp=4)
+    with pytest.raises(ValueError, match=r"has 3 attention heads, not divisible by tp=4"):
+        parallelize(TinyLM(TinyConfig(heads=3, hidden=24)))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM has 2 key/value heads, not divisible "
+                                         r"by tp=4"):
+        parallelize(tiny_llama())
+    with pytest.raises(ValueError, match=r"no built-in plan for Sequential; pass plan="):
+        parallelize(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"unknown parallel style\(s\) \['diagonal'\]"):
+        parallelize(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"0": "diagonal"})
+    with pytest.raises(ValueError, match=r"plan pattern\(s\) \['1'\] matched no module"):
+        parallelize(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"0": "colwise", "1": "rowwise"})
+    with pytest.raises(ValueError, match=r"out_features=6 is not divisible"):
+        parallelize(torch.nn.Sequential(torch.nn.Linear(4, 6)), {"0": "colwise"})
+    model = parallelize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)),
+                        {"0": "colwise", "1": "rowwise"})
+    return [type(m).__name__ for m in model]
+
+
+def test_user_plans_and_bad_sizes():
+    assert run_on_ranks(_bad_plans, 4)[0] == ["ColumnParallelLinear", "RowParallelLinear"]

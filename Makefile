@@ -11,6 +11,7 @@ NATIVE_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 demo: setup
 	$(PY) -m parallelkit layout --world 8 --tp 2 --pp 2 --cp 2
+	$(PY) -m parallelkit demo --world 8 --tp 2 --cp 2 --steps 30
 
 test: setup
 	$(PY) -m pytest -q

@@ -23,6 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     layout.add_argument("--dry-run", action="store_true",
                         help="print the rank map only; start no processes")
 
+    demo = jobs.add_parser("demo", help="train a small Llama with TP x CP x DP on N ranks and "
+                                        "compare its loss curve with one process")
+    demo.add_argument("--world", type=int, default=8, help="local gloo processes to fork")
+    demo.add_argument("--tp", type=int, default=2)
+    demo.add_argument("--cp", type=int, default=2)
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--batch", type=int, default=8, help="sequences per step")
+    demo.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    demo.add_argument("--hidden", type=int, default=64)
+    demo.add_argument("--layers", type=int, default=2)
+    demo.add_argument("--png", default="demo_loss.png", help="where to plot both curves ('' = no)")
+
     jobs.add_parser("info", help="what was compiled: torch, CUDA arches, Triton")
 
     args = parser.parse_args(argv)
@@ -31,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_build_info())
         return 0
+    if args.job == "demo":
+        from parallelkit.demos.train import DemoConfig, run
+
+        fields = ("world", "tp", "cp", "steps", "batch", "seq", "hidden", "layers")
+        config = DemoConfig(**{name: getattr(args, name) for name in fields})
+        return 0 if run(config, args.png or None) else 1
     from parallelkit.demos import layout as layout_demo
     from parallelkit.distributed.mpu import describe
     from parallelkit.distributed.rank_groups import Layout

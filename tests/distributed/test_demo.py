@@ -1,0 +1,14 @@
+"""The training demo in miniature: a few steps on 8 ranks track the single-process curve."""
+
+from parallelkit.demos.train import DemoConfig, report, train_parallel, train_single
+from parallelkit.testing import run_on_ranks
+
+
+def test_demo_curves_agree():
+    cfg = DemoConfig(steps=3, batch=4, seq=16, hidden=32, layers=1)
+    parallel = run_on_ranks(train_parallel, 8, cfg, False, timeout=300)
+    assert all(losses == parallel[0] for losses in parallel)  # every rank reports the global loss
+    single = train_single(cfg, progress=False)
+    text, diff = report(cfg, parallel[0], single)
+    assert diff < 1e-5, text
+    assert "tp 2 x cp 2 x dp 2" in text

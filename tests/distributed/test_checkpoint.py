@@ -1,0 +1,130 @@
+"""Checkpoints: save at one layout, load at others and into the dense model, bitwise."""
+
+import os
+
+import pytest
+import torch
+
+from parallelkit import mpu
+from parallelkit.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from parallelkit.parallelize import parallelize
+from parallelkit.testing import run_on_ranks
+from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+
+CONFIG = TinyConfig(vocab=64, layers=1)
+
+
+def model_and_optimizer(tp):
+    mpu.initialize(tp=tp)
+    torch.manual_seed(0)
+    model = parallelize(TinyLM(CONFIG))
+    # eps=1e-6 rather than 1e-8: the key biases' true gradient is 0 (softmax ignores a
+    # per-query constant), so theirs is rounding noise that a tiny eps would blow up to a full
+    # Adam step, and the cross-layout comparison below would compare noise.
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
+
+
+def train_step(model, optimizer, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids, targets = (torch.randint(0, 64, (8, 2), generator=g) for _ in range(2))
+    model.loss(ids, targets).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def full_optimizer_state(model, optimizer):
+    """exp_avg / exp_avg_sq at full size (TP-gathered), by parameter name, plus the steps."""
+    saved = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        originals = {}
+        for p in model.parameters():
+            originals[p] = p.data
+            p.data = optimizer.state[p][key]
+        saved.update({f"{n}.{key}": t for n, t in full_state_dict(model).items()})
+        for p, data in originals.items():
+            p.data = data
+    saved["steps"] = [optimizer.state[p]["step"].item() for p in model.parameters()]
+    return saved
+
+
+def _save(path, tp):
+    model, optimizer = model_and_optimizer(tp)
+    train_step(model, optimizer, seed=1)
+    save_checkpoint(path, model, optimizer)
+    reference = full_state_dict(model), full_optimizer_state(model, optimizer)
+    train_step(model, optimizer, seed=2)  # the step a reloaded run must reproduce
+    return reference, full_state_dict(model)
+
+
+def _load(path, tp):
+    model, optimizer = model_and_optimizer(tp)
+    train_step(model, optimizer, seed=7)  # state to overwrite
+    load_checkpoint(path, model, optimizer)
+    loaded = full_state_dict(model), full_optimizer_state(model, optimizer)
+    train_step(model, optimizer, seed=2)
+    return loaded, full_state_dict(model)
+
+
+def assert_equal(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], list):
+            assert a[key] == b[key], key
+        elif exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            # Another layout sums matmul partials in another order; the key biases' gradient is
+            # pure rounding noise (softmax ignores them), which Adam turns into a step of up to
+            # lr * |g| / eps = 1e-2 * 1e-9 / 1e-6: 1e-5.
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=2e-5, msg=key)
+
+
+def test_save_at_tp2_load_at_tp4_tp1_and_dense(tmp_path):
+    path = str(tmp_path / "ckpt")
+    (params, optim), after_step = run_on_ranks(_save, 4, path, 2)[0]
+    assert os.path.isfile(os.path.join(path, ".metadata"))
+    for tp in (2, 4, 1):
+        (loaded_params, loaded_optim), loaded_after = run_on_ranks(_load, 4, path, tp)[0]
+        assert_equal(loaded_params, params)
+        assert_equal(loaded_optim, optim)
+        # A step after loading equals the step without the round trip: bitwise at the same
+        # layout, to rounding at another (matmuls split differently).
+        assert_equal(loaded_after, after_step, exact=tp == 2)
+    dense = TinyLM(CONFIG)
+    load_checkpoint(path, dense)  # one process, no process group: the full tensors
+    assert_equal({n: p.detach() for n, p in dense.named_parameters()}, params)
+
+
+def _failing_save(path):
+    model, optimizer = model_and_optimizer(2)
+    import torch.distributed.checkpoint as dcp
+
+    def broken_save(*args, **kwargs):  # writes everything, then fails (say, at the rename)
+        original(*args, **kwargs)
+        raise OSError("disk full")
+
+    original, dcp.save = dcp.save, broken_save
+    try:
+        save_checkpoint(path, model, optimizer)
+    except OSError:
+        pass
+    finally:
+        dcp.save = original
+
+
+def test_missing_truncated_and_failed_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint at .* does not exist"):
+        load_checkpoint(str(tmp_path / "nothing"), TinyLM(CONFIG))
+    failed = str(tmp_path / "failed")
+    run_on_ranks(_failing_save, 4, failed)
+    assert any(".incomplete-" in f for f in os.listdir(tmp_path))  # the data is there, but ...
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(failed, TinyLM(CONFIG))  # ... never under the checkpoint's name
+
+    path = str(tmp_path / "ckpt")
+    run_on_ranks(_save, 4, path, 2)
+    data = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))
+    with open(os.path.join(path, data[0]), "r+b") as f:
+        f.truncate(16)
+    with pytest.raises(RuntimeError, match=r"(?s)could not be read .* missing or truncated"):
+        load_checkpoint(path, TinyLM(CONFIG))

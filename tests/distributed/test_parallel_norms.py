@@ -3,9 +3,6 @@ slice of the output, of the new residual stream and of every gradient equals the
 float64 reference's, on the torch path and on the Triton kernels (interpreter), with one
 collective per direction."""
 
-import contextlib
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -16,26 +13,12 @@ from parallelkit.ops.norms import local_steps, parallel_layer_norm, parallel_rms
 from parallelkit.reference import norms as reference
 from parallelkit.tensor_parallel.norms import ParallelLayerNorm, ParallelRMSNorm
 from parallelkit.testing import run_on_ranks
+from parallelkit.testing.backends import BACKENDS, local_backend
 from parallelkit.testing.tolerances import assert_close
 
 HIDDEN = 96  # 96, 48 or 24 columns per rank: not powers of two
 LEAD = (3, 5)  # [s, b] tokens
 EPS = 1e-5
-BACKENDS = {"torch": "0", "triton": "1"}  # PARALLELKIT_TRITON
-
-
-@contextlib.contextmanager
-def backend(name):
-    """The workers are reused across tests: put PARALLELKIT_TRITON back afterwards."""
-    before = os.environ.get("PARALLELKIT_TRITON")
-    os.environ["PARALLELKIT_TRITON"] = BACKENDS[name]
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PARALLELKIT_TRITON"]
-        else:
-            os.environ["PARALLELKIT_TRITON"] = before
 
 
 def full_tensors(dtype, rms, offset=0.0):
@@ -109,7 +92,7 @@ def _op_parity(tp, rms, dtype, offset=0.0, tolerance=None):
         y_ref, s_ref, grads_ref = forward_backward(reference_norm(rms), x, keep(residual),
                                                    weight, bias, dy, ds)
         for name in BACKENDS:
-            with backend(name), comm.count_traffic() as traffic:
+            with local_backend(name), comm.count_traffic() as traffic:
                 assert (local_steps(local[0]).__name__ == "TorchNorms") == (name == "torch")
                 y, s, grads = forward_backward(parallel_norm(rms), local[0], keep(local[1]),
                                                *local[2:])
@@ -172,7 +155,7 @@ def _from_dense(tp, dtype):
         for name in BACKENDS:
             layer.zero_grad()
             x_local = x[..., mine].clone().requires_grad_()
-            with backend(name):
+            with local_backend(name):
                 y = layer(x_local)
                 y.backward(dy[..., mine])
             what = f"{dense} ({name} backend)"

@@ -7,7 +7,6 @@ single-process answer is computed on every rank with no communication.
 """
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from parallelkit.ops.cross_entropy import REDUCTIONS, vocab_parallel_cross_entro
 from parallelkit.reference.cross_entropy import cross_entropy_reference
 from parallelkit.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from parallelkit.testing import run_on_ranks
+from parallelkit.testing.backends import local_backend
 from parallelkit.testing.tolerances import TOLERANCES
 
 SEQ, BATCH, VOCAB = 6, 3, 96  # [s, b, V]: V/4 = 24 is not a power of two
@@ -35,20 +35,6 @@ def full_problem(dtype, kind="normal", seed=0):
     targets = torch.randint(0, VOCAB, (SEQ, BATCH), generator=g)
     targets.view(-1)[::4] = IGNORE
     return x.to(dtype), targets, torch.rand(SEQ, BATCH, generator=g, dtype=torch.float64)
-
-
-@contextlib.contextmanager
-def backend(name):
-    """Choose the op's local implementation on this worker, and restore it: workers are reused."""
-    before = os.environ.get("PARALLELKIT_TRITON")
-    os.environ["PARALLELKIT_TRITON"] = "1" if name == "triton" else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PARALLELKIT_TRITON"]
-        else:
-            os.environ["PARALLELKIT_TRITON"] = before
 
 
 @contextlib.contextmanager
@@ -111,7 +97,7 @@ def check_one(state, full, targets, upstream, smoothing, reduction, inplace, mod
 def _parity(tp, backend_name, dtype):
     state = mpu.initialize(tp=tp)
     full, targets, upstream = full_problem(dtype)
-    with backend(backend_name), kernel_launches() as launched:
+    with local_backend(backend_name), kernel_launches() as launched:
         for smoothing in (0.0, 0.1):
             for reduction in REDUCTIONS:
                 for inplace in (False, True):
@@ -143,7 +129,7 @@ def _hard_logits(kind, backend_name):
         targets[targets >= VOCAB // 2 - 3] = VOCAB // 2 - 1  # finite on every row
         targets[0, 1:] = VOCAB // 2 - 1
     smoothing_values = (0.0,) if kind == "masked" else (0.0, 0.1)  # smoothing over -inf: inf
-    with backend(backend_name):
+    with local_backend(backend_name):
         for smoothing in smoothing_values:
             for reduction in ("mean", "none"):
                 check_one(state, full, targets, upstream, smoothing, reduction, False)
@@ -175,7 +161,7 @@ def test_all_rows_ignored_and_no_rows():
 def _bad_input(backend_name):
     mpu.initialize(tp=2)
     shard = torch.randn(4, 8)  # V = 16 over two ranks
-    with backend(backend_name):
+    with local_backend(backend_name):
         for targets, shown in [([0, 16, 1, 2], r"got 16 at flattened position 1"),
                                ([0, 1, -1, 2], r"got -1 at flattened position 2")]:
             with pytest.raises(IndexError, match=r"targets must be class ids in \[0, 16\) "

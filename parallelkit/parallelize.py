@@ -10,10 +10,13 @@ computes what the original did:
     rowwise         nn.Linear → RowParallelLinear(input_is_parallel=True)
     vocab           nn.Embedding → VocabParallelEmbedding
     cp_attention    a module called as attention(q, k, v, is_causal=...) → ContextParallelAttention
+    conv1d_*        the same for transformers' Conv1D (GPT-2's x W + b layers, W stored [in, out]);
+                    conv1d_qkv splits a fused q|k|v projection so each rank keeps its heads of all
+                    three
 
-Built-in plans: Hugging Face ``LlamaForCausalLM`` (its attention is a registered function, so
-context parallelism registers ``"parallelkit_cp"`` with transformers' attention interface) and the
-repo's ``TinyLM``. Other models pass ``plan={pattern: style}``.
+Built-in plans: Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadModel`` (their attention is a
+registered function, so context parallelism registers ``"parallelkit_cp"`` with transformers'
+attention interface) and the repo's ``TinyLM``. Other models pass ``plan={pattern: style}``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ STYLES = {
     "rowwise": lambda m, g: RowParallelLinear.from_dense(m, input_is_parallel=True, tp_group=g.tp),
     "vocab": lambda m, g: VocabParallelEmbedding.from_dense(m, tp_group=g.tp),
     "cp_attention": lambda m, g: ContextParallelAttention(g.cp, g.cp_layout),
+    "conv1d_colwise": lambda m, g: ColumnParallelLinear.from_dense(_as_linear(m), tp_group=g.tp),
+    "conv1d_rowwise": lambda m, g: RowParallelLinear.from_dense(_as_linear(m), input_is_parallel=True,
+                                                                tp_group=g.tp),
+    "conv1d_qkv": lambda m, g: ColumnParallelLinear.from_dense(
+        _as_linear(m, qkv_parts=dist.get_world_size(g.tp)), tp_group=g.tp),
 }
 
 LLAMA_PLAN = {
@@ -45,6 +53,15 @@ LLAMA_PLAN = {
     "model.layers.*.mlp.gate_proj": "colwise",
     "model.layers.*.mlp.up_proj": "colwise",
     "model.layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "colwise_gather",
+}
+
+GPT2_PLAN = {
+    "transformer.wte": "vocab",
+    "transformer.h.*.attn.c_attn": "conv1d_qkv",
+    "transformer.h.*.attn.c_proj": "conv1d_rowwise",
+    "transformer.h.*.mlp.c_fc": "conv1d_colwise",
+    "transformer.h.*.mlp.c_proj": "conv1d_rowwise",
     "lm_head": "colwise_gather",
 }
 
@@ -82,7 +99,7 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *,
             raise ValueError(f"no built-in plan for {type(model).__name__}; pass "
                              "plan={module-name pattern: style} with styles from "
                              f"{sorted(STYLES)}")
-        plan = {"llama": LLAMA_PLAN, "tinylm": TINYLM_PLAN}[kind]
+        plan = {"llama": LLAMA_PLAN, "gpt2": GPT2_PLAN, "tinylm": TINYLM_PLAN}[kind]
     unknown = sorted(set(plan.values()) - set(STYLES))
     if unknown:
         raise ValueError(f"unknown parallel style(s) {unknown}; use {sorted(STYLES)}")
@@ -104,7 +121,11 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *,
     if kind == "tinylm":
         for block in model.blocks:
             block.heads = model.config.heads // tp
-    if kind == "llama" and cp > 1:
+    if kind == "gpt2":
+        for block in model.transformer.h:  # it splits c_attn's output into q, k, v of this size
+            block.attn.split_size //= tp
+            block.attn.num_heads //= tp
+    if kind in ("llama", "gpt2") and cp > 1:
         _use_context_parallel_attention(model, groups)
     _tie_weights(model)
     return model
@@ -115,14 +136,14 @@ def _model_kind(model: nn.Module) -> str | None:
 
     if isinstance(model, TinyLM):
         return "tinylm"
-    if type(model).__name__ == "LlamaForCausalLM":
-        return "llama"
-    return None
+    return {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}.get(type(model).__name__)
 
 
 def _check_heads(model: nn.Module, kind: str | None, tp: int, cp: int) -> None:
     if kind == "llama":
         heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    elif kind == "gpt2":
+        heads = kv_heads = model.config.n_head
     elif kind == "tinylm":
         heads = kv_heads = model.config.heads
     else:
@@ -132,6 +153,28 @@ def _check_heads(model: nn.Module, kind: str | None, tp: int, cp: int) -> None:
             raise ValueError(f"{type(model).__name__} has {n} {what}, not divisible by tp={tp}: "
                              "tensor parallelism gives each rank whole heads; choose a tp that "
                              f"divides {n}")
+
+
+def _as_linear(conv1d: nn.Module, qkv_parts: int | None = None) -> nn.Linear:
+    """transformers' Conv1D (y = x W + b, W [in, out]) as the nn.Linear computing the same.
+
+    With ``qkv_parts`` (the tp size) the output features of a fused [q | k | v] projection are
+    reordered to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so that a column split hands every rank the
+    same heads of q, k and v."""
+    weight, bias = conv1d.weight.detach().t(), conv1d.bias.detach()
+    if qkv_parts is not None:
+        def interleave(t):
+            pieces = [part.chunk(qkv_parts, 0) for part in t.chunk(3, 0)]  # [q|k|v][rank]
+            return torch.cat([pieces[i][r] for r in range(qkv_parts) for i in range(3)], 0)
+
+        weight, bias = interleave(weight), interleave(bias)
+    # skip_init: a temporary must not draw from (and so shift) the caller's RNG stream.
+    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], dtype=weight.dtype,
+                                device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -26,6 +26,25 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        attn_implementation="sdpa")
+    return GPT2LMHeadModel(config)
+
+
+def expected_shard(name, dense_grad, tp, rank, dim):
+    """This rank's part of a dense gradient, worked out here from the layer's definition."""
+    if dense_grad.dim() == 2 and name.startswith("transformer.h."):  # Conv1D: W is [in, out]
+        dense_grad = dense_grad.t()
+    if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+        # each rank keeps its heads of q, of k and of v
+        return torch.cat([part.chunk(tp, 0)[rank] for part in dense_grad.chunk(3, 0)], 0)
+    return dense_grad if dim is None else dense_grad.chunk(tp, dim)[rank]
+
+
 def next_token_labels(ids, seq_dim):
     """labels[t] = ids[t + 1], the last position ignored: shifted before any CP split."""
     labels = ids.roll(-1, seq_dim)
@@ -36,6 +55,7 @@ def next_token_labels(ids, seq_dim):
 # Per model: build it, run it on (ids, positions) -> logits, and where its sequence dim is.
 MODELS = {
     "llama": (tiny_llama, lambda m, ids, pos: m(input_ids=ids, position_ids=pos).logits, 1),
+    "gpt2": (tiny_gpt2, lambda m, ids, pos: m(input_ids=ids, position_ids=pos).logits, 1),
     "tinylm": (lambda: TinyLM(TinyConfig(vocab=128, layers=2)), lambda m, ids, pos: m(ids), 0),
 }
 
@@ -77,15 +97,14 @@ def _parity(name, tp, cp):
 
     dense_params = dict(dense.named_parameters())
     for pname, param in model.named_parameters():
-        dim = getattr(param, "tp_shard_dim", None)
-        ref = dense_params[pname].grad
-        if dim is not None:
-            ref = ref.chunk(tp, dim)[state.tp.rank]
+        ref = expected_shard(pname, dense_params[pname].grad, tp, state.tp.rank,
+                             getattr(param, "tp_shard_dim", None))
         assert_close(param.grad, ref, name=pname)
     return sorted(type(m).__name__ for m in model.modules())
 
 
-@pytest.mark.parametrize("name, tp, cp", [("llama", 2, 1), ("llama", 2, 2), ("tinylm", 2, 1),
+@pytest.mark.parametrize("name, tp, cp", [("llama", 2, 1), ("llama", 2, 2), ("gpt2", 2, 1),
+                                          ("gpt2", 2, 2), ("gpt2", 4, 1), ("tinylm", 2, 1),
                                           ("tinylm", 2, 2), ("tinylm", 4, 1)])
 def test_converted_model_matches_dense(name, tp, cp):
     modules = run_on_ranks(_parity, 4, name, tp, cp, timeout=180)[0]

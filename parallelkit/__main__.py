@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--world", type=int, default=8, help="local gloo processes to fork")
     demo.add_argument("--tp", type=int, default=2)
     demo.add_argument("--cp", type=int, default=2)
+    demo.add_argument("--pp", type=int, default=1,
+                      help="> 1: a GPT split into pipeline stages (1F1B) instead of CP")
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--batch", type=int, default=8, help="sequences per step")
     demo.add_argument("--seq", type=int, default=64, help="tokens per sequence")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "demo":
         from parallelkit.demos.train import DemoConfig, run
 
-        fields = ("world", "tp", "cp", "steps", "batch", "seq", "hidden", "layers")
+        fields = ("world", "tp", "cp", "pp", "steps", "batch", "seq", "hidden", "layers")
         config = DemoConfig(**{name: getattr(args, name) for name in fields})
         return 0 if run(config, args.png or None) else 1
     from parallelkit.demos import layout as layout_demo

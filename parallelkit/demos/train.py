@@ -1,10 +1,12 @@
-"""``python -m parallelkit demo``: train a small Llama two ways and show the loss curves agree.
+"""``python -m parallelkit demo``: train a small model two ways and show the loss curves agree.
 
 The single-process model trains on the whole batch in this process. The same model, converted by
 ``parallelize`` for TP × CP and wrapped for DP (gradients averaged over DP × CP), trains on
 ``world`` forked gloo ranks (or the ranks ``torchrun`` launched): each rank gets its DP share of the
-sequences and its zigzag CP share of their tokens. Same seed, same data, same AdamW: the curves
-match to float32 rounding, and the table and PNG show it.
+sequences and its zigzag CP share of their tokens. With ``pp > 1`` the repo's TinyLM (a GPT) is
+split into pipeline stages instead and trained with the 1F1B schedule over micro-batches (TP × PP
+× DP). Same seed, same data, same AdamW: the curves match to float32 rounding, and the table and
+PNG show it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class DemoConfig:
     world: int = 8
     tp: int = 2
     cp: int = 2
+    pp: int = 1
     steps: int = 30
     batch: int = 8        # sequences per step, split across DP ranks
     seq: int = 64         # tokens per sequence, split across CP ranks
@@ -63,16 +66,27 @@ def batch_for_step(cfg: DemoConfig, step: int) -> tuple[torch.Tensor, torch.Tens
     return ids, labels
 
 
+def build_tinylm(cfg: DemoConfig):
+    from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+
+    torch.manual_seed(cfg.seed)
+    return TinyLM(TinyConfig(vocab=cfg.vocab, hidden=cfg.hidden, heads=cfg.heads,
+                             ffn=4 * cfg.hidden, layers=cfg.layers))
+
+
 def train_single(cfg: DemoConfig, progress: bool = True) -> list[float]:
     """The reference: the dense model on the whole batch, in this process."""
     from tqdm import tqdm
 
-    model = build_model(cfg)
+    model = build_model(cfg) if cfg.pp == 1 else build_tinylm(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = []
     for step in tqdm(range(cfg.steps), desc="single process", disable=not progress):
         ids, labels = batch_for_step(cfg, step)
-        logits = model(input_ids=ids).logits
+        if cfg.pp == 1:
+            logits = model(input_ids=ids).logits
+        else:  # TinyLM is sequence-first
+            logits, labels = model(ids.t()), labels.t()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss.backward()
         optimizer.step()
@@ -118,13 +132,55 @@ def train_parallel(cfg: DemoConfig, progress: bool = True) -> list[float]:
     return losses
 
 
+def train_pipeline(cfg: DemoConfig, progress: bool = True) -> list[float]:
+    """On one rank: TinyLM converted for TP, its blocks split into pp stages run by the 1F1B
+    schedule over one-sequence micro-batches, gradients averaged over DP. Returns the global
+    loss of every step (identical on all ranks)."""
+    from tqdm import tqdm
+
+    from parallelkit.data_parallel import DistributedDataParallel
+    from parallelkit.distributed import comm, mpu
+    from parallelkit.parallelize import parallelize
+    from parallelkit.pipeline_parallel import PipelineStage, train_step
+
+    state = mpu.initialize(tp=cfg.tp, pp=cfg.pp)
+    dp, dp_rank = state.dp.size, state.dp.rank
+    if cfg.batch % dp:
+        raise ValueError(f"batch={cfg.batch} sequences do not split over dp={dp} ranks")
+    model = parallelize(build_tinylm(cfg))
+    stage = PipelineStage.from_layers(model.blocks, _lm_loss, pre=model.embed,
+                                      post=torch.nn.Sequential(model.ln_f, model.lm_head))
+    synced = DistributedDataParallel(torch.nn.ParameterList(stage.parameters()))
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=cfg.lr)
+    micro = cfg.batch // dp  # micro-batches of one sequence
+    losses = []
+    show = progress and dist.get_rank() == 0
+    for step in tqdm(range(cfg.steps), desc=f"{dist.get_world_size()} ranks", disable=not show):
+        ids, labels = (t.chunk(dp)[dp_rank].t() for t in batch_for_step(cfg, step))
+        with synced.no_sync():  # the schedule runs every backward; sync the sum once after
+            loss = train_step("1f1b", stage, ids, labels, micro, (cfg.seq, 1, cfg.hidden))
+        synced.finish_grad_sync()
+        optimizer.step()
+        synced.zero_grad_buffer()
+        losses.append(comm.all_reduce(loss.float(), state.dp.group).item() / dp)
+    return losses
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
 def report(cfg: DemoConfig, parallel: list[float], single: list[float]) -> tuple[str, float]:
     diff = max(abs(a - b) for a, b in zip(parallel, single))
-    dp = cfg.world // (cfg.tp * cfg.cp)
-    lines = [f"Llama ({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads / "
-             f"{cfg.kv_heads} kv), {cfg.steps} AdamW steps of {cfg.batch} x {cfg.seq} tokens",
-             f"parallel: {cfg.world} gloo ranks = tp {cfg.tp} x cp {cfg.cp} x dp {dp}; "
-             "single: one process, whole batch", "",
+    dp = cfg.world // (cfg.tp * cfg.cp * cfg.pp)
+    if cfg.pp == 1:
+        model = f"Llama ({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads / {cfg.kv_heads} kv)"
+        layout = f"tp {cfg.tp} x cp {cfg.cp} x dp {dp}"
+    else:
+        model = f"TinyLM GPT ({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads)"
+        layout = f"tp {cfg.tp} x pp {cfg.pp} (1F1B) x dp {dp}"
+    lines = [f"{model}, {cfg.steps} AdamW steps of {cfg.batch} x {cfg.seq} tokens",
+             f"parallel: {cfg.world} gloo ranks = {layout}; single: one process, whole batch", "",
              " step   parallel     single   |diff|"]
     for step, (a, b) in enumerate(zip(parallel, single)):
         if step < 5 or step % 5 == 4 or step == len(single) - 1:
@@ -157,7 +213,8 @@ def run(cfg: DemoConfig, png: str | None, tolerance: float = 1e-4) -> bool:
 
     with LocalWorld(cfg.world) as world:  # fork before this process does anything heavy
         single = train_single(cfg)
-        parallel = world.run(train_parallel, cfg, timeout=1800)[0]
+        job = train_parallel if cfg.pp == 1 else train_pipeline
+        parallel = world.run(job, cfg, timeout=1800)[0]
     return _finish(cfg, parallel, single, png, tolerance)
 
 
@@ -165,8 +222,8 @@ def _finish(cfg, parallel, single, png, tolerance) -> bool:
     text, diff = report(cfg, parallel, single)
     print(text)
     if png:
-        plot(parallel, single, png, f"tp {cfg.tp} x cp {cfg.cp} x dp "
-                                    f"{cfg.world // (cfg.tp * cfg.cp)} vs one process")
+        plot(parallel, single, png, text.splitlines()[1].split("= ")[1].split(";")[0]
+             + " vs one process")
         print(f"wrote {png}")
     ok = diff <= tolerance
     print("OK: the curves agree" if ok else f"MISMATCH: difference above {tolerance}")
@@ -177,7 +234,7 @@ def _run_under_torchrun(cfg: DemoConfig, png, tolerance) -> bool:
     dist.init_process_group("gloo")  # CPU demo; the layers also run on NCCL with CUDA tensors
     try:
         cfg = DemoConfig(**{**asdict(cfg), "world": dist.get_world_size()})
-        parallel = train_parallel(copy.copy(cfg))
+        parallel = (train_parallel if cfg.pp == 1 else train_pipeline)(copy.copy(cfg))
         if dist.get_rank() != 0:
             return True
         return _finish(cfg, parallel, train_single(cfg), png, tolerance)

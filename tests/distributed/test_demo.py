@@ -12,3 +12,14 @@ def test_demo_curves_agree():
     text, diff = report(cfg, parallel[0], single)
     assert diff < 1e-5, text
     assert "tp 2 x cp 2 x dp 2" in text
+
+
+def test_pipeline_demo_curves_agree():
+    from parallelkit.demos.train import train_pipeline
+
+    cfg = DemoConfig(steps=2, batch=4, seq=16, hidden=32, layers=2, cp=1, pp=2)
+    parallel = run_on_ranks(train_pipeline, 8, cfg, False, timeout=300)
+    assert all(losses == parallel[0] for losses in parallel)
+    text, diff = report(cfg, parallel[0], train_single(cfg, progress=False))
+    assert diff < 1e-5, text
+    assert "tp 2 x pp 2 (1F1B) x dp 2" in text

@@ -19,10 +19,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import parallelkit.ops.ring_attention as ring_module
-from benchmarks._harness import format_table, write_results
+from benchmarks._harness import Report, publish
 from parallelkit import mpu
 from parallelkit.context_parallel import ContextParallelAttention, split_for_context_parallel
 from parallelkit.launch import LocalWorld
+
+QUICK = ["--cp", "2", "--seq", "256", "512", "--heads", "2", "--dim", "32"]
+COLUMNS = [("cp", "d"), ("seq", "d"), ("layout", ""), ("full_MB", ".1f"), ("ring_MB/rank", ".2f"),
+           ("ring/(full/cp)", ".2f"), ("busy_ms_min", ".1f"), ("busy_ms_max", ".1f"),
+           ("balance_max/mean", ".3f")]
 
 
 def saved_bytes(fn) -> int:
@@ -96,7 +101,7 @@ def run(cp: int, seqs: list[int], heads: int, dim: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
+def collect(argv=None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cp", type=int, default=4)
     parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -104,13 +109,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=64)
     args = parser.parse_args(argv)
     rows = run(args.cp, args.seq, args.heads, args.dim)
-    print(format_table(rows, [("cp", "d"), ("seq", "d"), ("layout", ""), ("full_MB", ".1f"),
-                              ("ring_MB/rank", ".2f"), ("ring/(full/cp)", ".2f"),
-                              ("busy_ms_min", ".1f"), ("busy_ms_max", ".1f"),
-                              ("balance_max/mean", ".3f")]))
-    path = write_results("context_parallel", rows, {**vars(args), "backend": "gloo",
-                                                    "dtype": "float32", "causal": True})
-    print(f"wrote {path}")
+    return Report("context_parallel", rows, COLUMNS, ["cp", "seq", "layout"],
+                  {**vars(args), "backend": "gloo", "dtype": "float32", "causal": True},
+                  plot_value="balance_max/mean")
+
+
+def main(argv=None) -> None:
+    publish(collect(argv))
 
 
 if __name__ == "__main__":

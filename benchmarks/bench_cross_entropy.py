@@ -9,10 +9,11 @@ Per tokens x vocab shape, each variant in a fresh local world of tp gloo ranks, 
            vocab-parallel loss does
 
 ``backend`` says what ran our op's local steps: on CPU its torch path (the Triton kernels need a
-GPU; their interpreter is a checker, not a benchmark). ``GB/s`` counts the bytes one fused pass
-must move per rank, reading the logits and writing their gradient (2·T·V/tp·elem), and ``%copy``
-compares it with this machine's measured one-thread ``copy_`` bandwidth. ``sent_MB``: what rank 0
-put on a ring, counted from the collectives issued. Memory per rank, beyond the logits:
+GPU; their interpreter is a checker, not a benchmark). ``achieved`` counts the bytes one fused
+pass must move per rank, reading the logits and writing their gradient (2·T·V/tp·elem), and
+``%peak`` compares it with the copy bandwidth the harness measured (one thread on CPU).
+``sent_MB``: what rank 0 put on a ring, counted from the collectives issued. Memory per rank,
+beyond the logits:
 ``peak_MB`` is measured, the rise of the process's peak RSS over one forward+backward in a fresh
 process (``torch.cuda.max_memory_allocated`` on a GPU); ``floor_MB`` is computed, the least the
 approach must materialize: the gradient (none in place), plus the gathered logits when gathering.
@@ -30,13 +31,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks._harness import format_table, summarize, write_results
+from benchmarks._harness import Report, publish, summarize, time_op
 from parallelkit import mpu
 from parallelkit.distributed import comm, mappings
 from parallelkit.launch import LocalWorld
 from parallelkit.ops._backend import use_triton
 from parallelkit.ops.cross_entropy import vocab_parallel_cross_entropy
 
+QUICK = ["--shapes", "512x8192", "--max-tp", "2", "--repeats", "5", "--no-compile"]
+GPU = ["--shapes", "8192x131072", "--max-tp", "1", "--repeats", "10"]
+COLUMNS = [("tokens", "d"), ("vocab", "d"), ("tp", "d"), ("variant", ""), ("backend", ""),
+           ("device", ""), ("median_ms", ".1f"), ("iqr_ms", ".1f"), ("vs_eager_tp1", ".2f"),
+           ("sent_MB", ".2f"), ("peak_MB", ".0f"), ("floor_MB", ".0f")]
 VARIANTS = {  # name -> (tp=1 only, inplace_backward)
     "vocab_parallel": (False, False),
     "vocab_parallel inplace": (False, True),
@@ -76,32 +82,11 @@ def measure(variant: str, tokens: int, vocab: int, repeats: int, warmup: int) ->
     with comm.count_traffic() as traffic:
         step()
     peak = _memory_peak(device) - before
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        dist.barrier()
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
+    seconds = time_op(step, device=device, repeats=repeats, warmup=warmup, group=state.tp.group)
     ours = variant.startswith("vocab_parallel")
     return {"seconds": seconds, "peak_bytes": peak, "wire_bytes": traffic.wire,
             "device": device.type, "compile_s": compile_s if variant == "torch.compile" else None,
             "backend": ("triton" if use_triton(x) else "torch") if ours else "torch"}
-
-
-def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """This process's copy_ bandwidth in GB/s (bytes read + written), best of repeats."""
-    src = torch.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best / 1e9
 
 
 def floor_bytes(variant: str, tokens: int, vocab: int, tp: int, elem: int = 4) -> int:
@@ -113,9 +98,7 @@ def floor_bytes(variant: str, tokens: int, vocab: int, tp: int, elem: int = 4) -
 
 
 def run(shapes: list[tuple[int, int]], max_tp: int, repeats: int, warmup: int,
-        compile_: bool) -> tuple[list[dict], float]:
-    with LocalWorld(1) as world:
-        copy_gbps = world.run(copy_bandwidth, timeout=60)[0]
+        compile_: bool) -> list[dict]:
     rows = []
     for tokens, vocab in shapes:
         for tp in (t for t in (1, 2, 4, 8) if t <= max_tp):
@@ -126,11 +109,9 @@ def run(shapes: list[tuple[int, int]], max_tp: int, repeats: int, warmup: int,
                 with LocalWorld(tp) as world:  # fresh processes: a clean peak-memory reading
                     result = world.run(measure, variant, tokens, vocab, repeats, warmup,
                                        timeout=600)[0]
-                stats = summarize(result["seconds"])
-                gbps = 2 * tokens * vocab // tp * 4 / (stats["median_ms"] / 1e3) / 1e9
                 rows.append({"tokens": tokens, "vocab": vocab, "tp": tp, "variant": variant,
-                             "backend": result["backend"], "device": result["device"], **stats,
-                             "GB/s": gbps, "%copy": 100 * gbps / copy_gbps,
+                             "backend": result["backend"], "device": result["device"],
+                             **summarize(result["seconds"]), "bytes": 2 * tokens * vocab // tp * 4,
                              "sent_MB": result["wire_bytes"] / 1e6,
                              "peak_MB": result["peak_bytes"] / 1e6,
                              "floor_MB": floor_bytes(variant, tokens, vocab, tp) / 1e6,
@@ -139,7 +120,7 @@ def run(shapes: list[tuple[int, int]], max_tp: int, repeats: int, warmup: int,
         base = next(r for r in rows if r["tokens"] == row["tokens"] and r["vocab"] == row["vocab"]
                     and r["tp"] == 1 and r["variant"] == "torch eager")
         row["vs_eager_tp1"] = base["median_ms"] / row["median_ms"]
-    return rows, copy_gbps
+    return rows
 
 
 def _memory_now(device: torch.device) -> int:
@@ -156,12 +137,7 @@ def _memory_peak(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main(argv=None) -> None:
+def collect(argv=None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2048x32000",
                         help="comma-separated TOKENSxVOCAB; vocab divisible by every tp")
@@ -172,23 +148,19 @@ def main(argv=None) -> None:
                         help="skip torch.compile (its first call takes ~20 s on 2 CPU cores)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
-    rows, copy_gbps = run(shapes, args.max_tp, args.repeats, args.warmup, not args.no_compile)
-    print(format_table(rows, [("tokens", "d"), ("vocab", "d"), ("tp", "d"), ("variant", ""),
-                              ("backend", ""), ("device", ""), ("median_ms", ".1f"),
-                              ("iqr_ms", ".1f"), ("vs_eager_tp1", ".2f"), ("GB/s", ".2f"),
-                              ("%copy", ".0f"), ("sent_MB", ".2f"), ("peak_MB", ".0f"),
-                              ("floor_MB", ".0f")]))
-    print(f"copy_ bandwidth (one thread, measured): {copy_gbps:.2f} GB/s; times per rank, "
-          "ranks one thread each; peak_MB measured, floor_MB computed")
+    rows = run(shapes, args.max_tp, args.repeats, args.warmup, not args.no_compile)
+    notes = ["times per rank, ranks one thread each; peak_MB measured, floor_MB computed"]
     compiled = [r for r in rows if r["compile_s"] is not None]
     if compiled:
-        print("torch.compile's first call took "
-              + ", ".join(f"{r['compile_s']:.0f} s" for r in compiled))
-    path = write_results("cross_entropy", rows, {**vars(args), "dtype": "float32",
-                                                 "backend_comm": "gloo", "copy_GBps": copy_gbps,
-                                                 "note": "tp CPU processes, one thread each, "
-                                                         "share the machine's cores"})
-    print(f"wrote {path}")
+        notes.append("torch.compile's first call took "
+                     + ", ".join(f"{r['compile_s']:.0f} s" for r in compiled))
+    return Report("cross_entropy", rows, COLUMNS, ["tokens", "vocab", "tp", "variant"],
+                  {**vars(args), "dtype": "float32", "backend_comm": "gloo",
+                   "note": "tp CPU processes, one thread each, share the machine's cores"}, notes)
+
+
+def main(argv=None) -> None:
+    publish(collect(argv))
 
 
 if __name__ == "__main__":

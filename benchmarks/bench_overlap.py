@@ -14,29 +14,22 @@ For ``all_gather_matmul`` (x [s/tp, b, h] → [s, b, n/tp]) and ``matmul_reduce_
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks._harness import format_table, summarize, write_results
+from benchmarks._harness import Report, publish, summarize, time_op
 from parallelkit import mpu
 from parallelkit.distributed import comm
 from parallelkit.launch import LocalWorld
 from parallelkit.ops.overlap import all_gather_matmul, matmul_reduce_scatter
 
-
-def _median_ms(fn, repeats: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        dist.barrier()  # ranks start together; a rank waiting for a peer is part of the cost
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return summarize(seconds)
+QUICK = ["--tokens", "512", "--hidden", "512", "--tp", "2", "--chunks", "1", "2", "--repeats", "5",
+         "--warmup", "1"]
+COLUMNS = [("op", ""), ("tp", "d"), ("tokens", "d"), ("hidden", "d"), ("variant", ""),
+           ("median_ms", ".1f"), ("iqr_ms", ".1f"), ("vs_unfused", ".2f"),
+           ("fused/max(gemm,comm)", ".2f")]
 
 
 def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], repeats: int,
@@ -66,7 +59,8 @@ def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], repea
                 **{f"fused c={c}": (lambda c=c: matmul_reduce_scatter(x, w, group, c))
                    for c in chunks},
             }
-        return {name: _median_ms(fn, repeats, warmup) for name, fn in variants.items()}
+        return {name: summarize(time_op(fn, repeats=repeats, warmup=warmup, group=group))
+                for name, fn in variants.items()}
 
 
 def run(tokens: int, hidden: int, tp: int, chunks: list[int], repeats: int, warmup: int):
@@ -81,11 +75,14 @@ def run(tokens: int, hidden: int, tp: int, chunks: list[int], repeats: int, warm
                 rows.append({"op": op, "tp": tp, "tokens": tokens, "hidden": hidden,
                              "variant": name, **times[name],
                              "vs_unfused": times["unfused"]["median_ms"] / ms,
-                             "fused/max(gemm,comm)": ms / bound})
+                             "fused/max(gemm,comm)": ms / bound,
+                             # per rank, the same GEMM in every variant but the collective alone
+                             **({} if name == "comm" else
+                                {"flops": 2 * tokens * hidden * hidden // tp, "dtype": "float32"})})
     return rows
 
 
-def main(argv=None) -> None:
+def collect(argv=None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="s * b")
     parser.add_argument("--hidden", type=int, default=2048)
@@ -95,12 +92,13 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
     rows = run(args.tokens, args.hidden, args.tp, args.chunks, args.repeats, args.warmup)
-    print(format_table(rows, [("op", ""), ("tp", "d"), ("tokens", "d"), ("hidden", "d"),
-                              ("variant", ""), ("median_ms", ".1f"), ("iqr_ms", ".1f"),
-                              ("vs_unfused", ".2f"), ("fused/max(gemm,comm)", ".2f")]))
-    path = write_results("overlap", rows, {**vars(args), "backend": "gloo", "dtype": "float32",
-                                           "note": "tp CPU processes, one intra-op thread each"})
-    print(f"wrote {path}")
+    return Report("overlap", rows, COLUMNS, ["op", "tp", "tokens", "hidden", "variant"],
+                  {**vars(args), "backend": "gloo", "dtype": "float32",
+                   "note": "tp CPU processes, one intra-op thread each"})
+
+
+def main(argv=None) -> None:
+    publish(collect(argv))
 
 
 if __name__ == "__main__":

@@ -16,17 +16,22 @@ must.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks._harness import format_table, summarize, write_results
+from benchmarks._harness import Report, publish, summarize, time_op
 from parallelkit import mpu
 from parallelkit.distributed import comm
 from parallelkit.launch import LocalWorld
 from parallelkit.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+QUICK = ["--seq", "64", "--batch", "2", "--hidden", "256", "--max-tp", "2", "--repeats", "5",
+         "--warmup", "1"]
+COLUMNS = [("tp", "d"), ("sp", ""), ("tokens", "d"), ("hidden", "d"), ("median_ms", ".1f"),
+           ("iqr_ms", ".1f"), ("speedup_vs_tp1", ".2f"), ("sent_MB", ".2f"), ("theory_MB", ".2f"),
+           ("sent/theory", ".3f"), ("collectives", "")]
 
 
 def measure(tp: int, sequence_parallel: bool, seq: int, batch: int, hidden: int,
@@ -45,14 +50,7 @@ def measure(tp: int, sequence_parallel: bool, seq: int, batch: int, hidden: int,
 
     with comm.count_traffic() as traffic:
         step()
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        dist.barrier()  # start together, so a rank's time includes waiting for its peers
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+    seconds = time_op(step, repeats=repeats, warmup=warmup, group=dist.group.WORLD)
     return {"seconds": seconds, "wire_bytes": traffic.wire, "calls": dict(traffic.calls)}
 
 
@@ -70,6 +68,8 @@ def run(seq: int, batch: int, hidden: int, max_tp: int, repeats: int, warmup: in
                 theory = theoretical_wire_bytes(tp, seq, batch, hidden, elem=4)
                 rows.append({"tp": tp, "sp": sequence_parallel, "tokens": seq * batch,
                              "hidden": hidden, **summarize(result["seconds"]),
+                             # per rank: up and down, 2·T·h·4h/tp each forward, twice that back
+                             "flops": 48 * seq * batch * hidden**2 / tp, "dtype": "float32",
                              "sent_MB": result["wire_bytes"] / 1e6, "theory_MB": theory / 1e6,
                              "sent/theory": result["wire_bytes"] / theory if theory else 1.0,
                              "collectives": ",".join(f"{k}x{v}" for k, v in
@@ -80,7 +80,7 @@ def run(seq: int, batch: int, hidden: int, max_tp: int, repeats: int, warmup: in
     return rows
 
 
-def main(argv=None) -> None:
+def collect(argv=None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
@@ -90,14 +90,13 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
     rows = run(args.seq, args.batch, args.hidden, args.max_tp, args.repeats, args.warmup)
-    print(format_table(rows, [("tp", "d"), ("sp", ""), ("tokens", "d"), ("hidden", "d"),
-                              ("median_ms", ".1f"), ("iqr_ms", ".1f"), ("speedup_vs_tp1", ".2f"),
-                              ("sent_MB", ".2f"), ("theory_MB", ".2f"), ("sent/theory", ".3f"),
-                              ("collectives", "")]))
-    path = write_results("tp_layers", rows, {**vars(args), "backend": "gloo", "dtype": "float32",
-                                             "note": "tp CPU processes, one thread each, share "
-                                                     "the machine's cores"})
-    print(f"wrote {path}")
+    return Report("tp_layers", rows, COLUMNS, ["tp", "sp", "tokens", "hidden"],
+                  {**vars(args), "backend": "gloo", "dtype": "float32",
+                   "note": "tp CPU processes, one thread each, share the machine's cores"})
+
+
+def main(argv=None) -> None:
+    publish(collect(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Context parallelism: the sequence split across ranks, attention computed exactly by a ring."""
 
 from parallelkit.context_parallel.attention import ContextParallelAttention
-from parallelkit.context_parallel.layout import (context_parallel_positions,
+from parallelkit.distributed.context_layout import (context_parallel_positions,
                                                  gather_from_context_parallel,
                                                  split_for_context_parallel)
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallelkit.context_parallel.layout import LAYOUTS
+from parallelkit.distributed.context_layout import LAYOUTS
 from parallelkit.context_parallel.ulysses import ulysses_attention
 from parallelkit.distributed import mpu
 from parallelkit.ops.ring_attention import ring_attention

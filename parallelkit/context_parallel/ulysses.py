@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallelkit.context_parallel.layout import check_sequence_length, chunk_ids, parts
+from parallelkit.distributed.context_layout import check_sequence_length, chunk_ids, parts
 from parallelkit.distributed import mappings
 
 

@@ -1,6 +1,6 @@
 """Ring attention: exact attention over a sequence split across the context-parallel group.
 
-Each CP rank holds its queries and its keys/values (see ``context_parallel/layout.py`` for which
+Each CP rank holds its queries and its keys/values (see ``distributed/context_layout.py`` for which
 tokens). For cp steps it attends its queries to the K/V chunk in hand while that chunk travels on
 to the next rank (``_C.start_ring_exchange``: gloo threads or an NCCL stream move it while the
 block kernel runs), and folds each block's (out, lse) into a running result with the log-sum-exp
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from parallelkit._native import native
-from parallelkit.context_parallel.layout import check_sequence_length, chunk_ids
+from parallelkit.distributed.context_layout import check_sequence_length, chunk_ids
 from parallelkit.ops.attention_block import (attention_block_backward, attention_block_forward,
                                              check_inputs)
 from parallelkit.ops.attention_merge import merge_attention_partials_

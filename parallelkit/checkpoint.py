@@ -9,6 +9,10 @@ the dense model in a single process. Data-parallel replicas write once (DCP dedu
 Optimizer state is saved next to the parameters for optimizers whose state is per-parameter
 tensors shaped like the parameter plus a scalar ``step`` (Adam, AdamW, SGD with momentum).
 
+Under pipeline parallelism each rank saves and loads only the parameters its optimizer holds
+(its stages), under their names in the whole model, so the union over ranks is the model and a
+checkpoint saved at pp=2 loads at pp=1, or the other way round.
+
 A save goes to a temporary folder that is renamed into place only after every rank has written,
 so a failed save never leaves a folder that loads as complete.
 """
@@ -69,12 +73,21 @@ def _tp_mesh():
     return DeviceMesh.from_group(group, "cuda" if dist.get_backend() == "nccl" else "cpu")
 
 
+def _owned(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list:
+    """(name, parameter) of what this rank trains: the optimizer's parameters (a pipeline
+    stage), or the whole model when there is no optimizer."""
+    if optimizer is None:
+        return list(model.named_parameters())
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [(name, p) for name, p in model.named_parameters() if id(p) in held]
+
+
 def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Model (and optimizer) state as DCP sees it; its tensors share storage with the live ones,
     so ``dcp.load`` into it loads the model in place."""
     mesh = _tp_mesh()
     state = {f"model.{name}": _describe(p.detach(), getattr(p, "tp_shard_dim", None), mesh)
-             for name, p in model.named_parameters()}
+             for name, p in _owned(model, optimizer)}
     if optimizer is not None:
         names = {id(p): name for name, p in model.named_parameters()}
         for group in optimizer.param_groups:
@@ -149,12 +162,21 @@ def _restore_optimizer_views(model, optimizer, state) -> None:
                     value.copy_(loaded)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter at full size, whatever the TP layout (for export; a TP collective)."""
+def full_state_dict(model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter at full size, whatever the layout (for export): TP shards gathered, and
+    under pipeline parallelism the stages' parameters (those ``optimizer`` holds) merged from
+    every stage. A collective over the TP and PP groups."""
     group = _tp_group()
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in _owned(model, optimizer):
         dim = getattr(p, "tp_shard_dim", None)
         out[name] = p.detach().clone() if dim is None or group is None else \
             comm.all_gather(p.detach(), dim, group)
+    from parallelkit.distributed import mpu
+
+    if mpu.is_initialized() and mpu.get_pp_world_size() > 1:
+        stages = [None] * mpu.get_pp_world_size()
+        dist.all_gather_object(stages, out, group=mpu.get_pp_group())
+        out = {name: t for stage in stages for name, t in stage.items()}
     return out

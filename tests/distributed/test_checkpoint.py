@@ -11,7 +11,7 @@ from parallelkit.parallelize import parallelize
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tiny_models import TinyConfig, TinyLM
 
-CONFIG = TinyConfig(vocab=64, layers=1)
+CONFIG = TinyConfig(vocab=64, layers=2)  # two blocks: one per pipeline stage
 
 
 def model_and_optimizer(tp):
@@ -33,17 +33,16 @@ def train_step(model, optimizer, seed):
 
 
 def full_optimizer_state(model, optimizer):
-    """exp_avg / exp_avg_sq at full size (TP-gathered), by parameter name, plus the steps."""
+    """exp_avg / exp_avg_sq at full size (gathered like the parameters), by parameter name."""
+    held = [p for group in optimizer.param_groups for p in group["params"]]
     saved = {}
     for key in ("exp_avg", "exp_avg_sq"):
-        originals = {}
-        for p in model.parameters():
-            originals[p] = p.data
+        originals = {p: p.data for p in held}
+        for p in held:
             p.data = optimizer.state[p][key]
-        saved.update({f"{n}.{key}": t for n, t in full_state_dict(model).items()})
+        saved.update({f"{n}.{key}": t for n, t in full_state_dict(model, optimizer).items()})
         for p, data in originals.items():
             p.data = data
-    saved["steps"] = [optimizer.state[p]["step"].item() for p in model.parameters()]
     return saved
 
 
@@ -128,3 +127,45 @@ def test_missing_truncated_and_failed_checkpoints(tmp_path):
         f.truncate(16)
     with pytest.raises(RuntimeError, match=r"(?s)could not be read .* missing or truncated"):
         load_checkpoint(path, TinyLM(CONFIG))
+
+
+def _pipeline_model(tp, pp):
+    """TinyLM converted for TP, this rank's pipeline stage, AdamW over the stage."""
+    from parallelkit.pipeline_parallel import PipelineStage
+
+    mpu.initialize(tp=tp, pp=pp)
+    torch.manual_seed(0)
+    model = parallelize(TinyLM(CONFIG))
+    stage = PipelineStage.from_layers(model.blocks, lambda logits, t: torch.nn.functional
+                                      .cross_entropy(logits.flatten(0, 1), t.flatten()),
+                                      pre=model.embed,
+                                      post=torch.nn.Sequential(model.ln_f, model.lm_head))
+    return model, stage, torch.optim.AdamW(stage.parameters(), lr=1e-2, eps=1e-6)
+
+
+def _save_pipelined(path):
+    from parallelkit.pipeline_parallel import train_step
+
+    model, stage, optimizer = _pipeline_model(tp=2, pp=2)
+    g = torch.Generator().manual_seed(3)
+    ids, targets = (torch.randint(0, 64, (8, 2), generator=g) for _ in range(2))
+    train_step("1f1b", stage, ids, targets, 2, (8, 1, 32))
+    optimizer.step()
+    save_checkpoint(path, model, optimizer)
+    return full_state_dict(model, optimizer), full_optimizer_state(model, optimizer)
+
+
+def _load_unpipelined(path, tp):
+    model, optimizer = model_and_optimizer(tp)
+    train_step(model, optimizer, seed=7)
+    load_checkpoint(path, model, optimizer)
+    return full_state_dict(model), full_optimizer_state(model, optimizer)
+
+
+def test_save_at_tp2_pp2_load_at_tp4_pp1(tmp_path):
+    path = str(tmp_path / "ckpt")
+    params, optim = run_on_ranks(_save_pipelined, 4, path)[0]
+    assert params.keys() == dict(TinyLM(CONFIG).named_parameters()).keys()  # every stage's part
+    loaded_params, loaded_optim = run_on_ranks(_load_unpipelined, 4, path, 4)[0]
+    assert_equal(loaded_params, params)
+    assert_equal(loaded_optim, optim)

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
-from benchmarks._harness import format_table, summarize, write_results
+from benchmarks._harness import Report, publish, summarize
 from parallelkit.data_parallel import DistributedDataParallel, DistributedOptimizer
 from parallelkit.distributed import comm
 from parallelkit.launch import LocalWorld
@@ -138,7 +138,14 @@ def run(dp: int, hidden: int, layers: int, tokens: int, bucket_mb: float, repeat
     return rows
 
 
-def main(argv=None) -> None:
+QUICK = ["--hidden", "256", "--layers", "4", "--tokens", "64", "--bucket-mb", "0.25",
+         "--repeats", "5"]
+COLUMNS = [("variant", ""), ("dp", "d"), ("grad_MB", ".1f"), ("median_ms", ".1f"),
+           ("iqr_ms", ".1f"), ("vs_torch_ddp", ".2f"), ("hidden", ".0%"), ("sent_MB", ".2f"),
+           ("theory_MB", ".2f"), ("sent/theory", ".3f"), ("collectives", "")]
+
+
+def collect(argv=None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dp", type=int, default=2, help="local gloo ranks")
     parser.add_argument("--hidden", type=int, default=1024)
@@ -152,16 +159,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rows = run(args.dp, args.hidden, args.layers, args.tokens, args.bucket_mb, args.repeats,
                args.warmup)
-    print(format_table(rows, [("variant", ""), ("dp", "d"), ("grad_MB", ".1f"),
-                              ("median_ms", ".1f"), ("iqr_ms", ".1f"), ("vs_torch_ddp", ".2f"),
-                              ("hidden", ".0%"), ("sent_MB", ".2f"), ("theory_MB", ".2f"),
-                              ("sent/theory", ".3f"), ("collectives", "")]))
-    path = write_results("data_parallel", rows, {
+    return Report("data_parallel", rows, COLUMNS, ["variant"], {
         **vars(args), "backend": "gloo", "dtype": "float32",
         "timed": "forward + backward + gradient sync (rank 0); bytes: one whole step",
         "note": "dp CPU processes, one compute thread each, share the machine's cores with "
                 "gloo's communication threads"})
-    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    publish(collect(argv))
 
 
 if __name__ == "__main__":

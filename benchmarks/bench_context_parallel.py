@@ -4,7 +4,10 @@ Activation memory is measured as the bytes autograd saves for backward (``saved_
 in one forward of ``ContextParallelAttention`` on each CP rank, against single-device SDPA over
 the whole sequence; the goal is ≤ 1.1 × (1/cp of full). Load balance is each rank's busy time in
 the attention block kernels during forward + backward, as max/mean over ranks, for the zigzag and
-the contiguous layouts (goal ≤ 1.05 for zigzag).
+the contiguous layouts (goal ≤ 1.05 for zigzag), measured twice: in the running ring (``busy``:
+cp processes share the machine's cores, so it includes their contention) and ``serial``: every
+rank's blocks of every ring step timed one rank after another in this process, the compute each
+rank would do on a core of its own.
 
     python -m benchmarks.bench_context_parallel [--cp 4 --seq 1024 2048 4096 --heads 8 --dim 64]
 """
@@ -22,12 +25,15 @@ import parallelkit.ops.ring_attention as ring_module
 from benchmarks._harness import Report, publish
 from parallelkit import mpu
 from parallelkit.context_parallel import ContextParallelAttention, split_for_context_parallel
+from parallelkit.distributed.context_layout import parts
 from parallelkit.launch import LocalWorld
+from parallelkit.ops.attention_block import attention_block_backward, attention_block_forward
+from parallelkit.ops.ring_attention import ring_blocks
 
 QUICK = ["--cp", "2", "--seq", "256", "512", "--heads", "2", "--dim", "32"]
 COLUMNS = [("cp", "d"), ("seq", "d"), ("layout", ""), ("full_MB", ".1f"), ("ring_MB/rank", ".2f"),
            ("ring/(full/cp)", ".2f"), ("busy_ms_min", ".1f"), ("busy_ms_max", ".1f"),
-           ("balance_max/mean", ".3f")]
+           ("balance_max/mean", ".3f"), ("serial_balance", ".3f")]
 
 
 def saved_bytes(fn) -> int:
@@ -84,6 +90,28 @@ def full_attention_bytes(seq: int, heads: int, dim: int) -> int:
     return saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+def serial_busy(cp: int, seq: int, heads: int, dim: int, layout: str, repeats: int = 5):
+    """Per rank: seconds of its forward + backward block work over all ring steps, timed here
+    one block at a time (median of ``repeats``)."""
+    part_len = seq // parts(layout, cp)
+    q, k, v = (t.detach()[:, :, :part_len] for t in inputs(seq, heads, dim))
+    busy = []
+    for rank in [0] + list(range(cp)):  # rank 0 twice: the first pass only warms up
+        total = 0.0
+        for kv_rank in range(cp):
+            for b in ring_blocks(layout, True, rank, kv_rank, cp, part_len):
+                offsets = dict(causal=b.causal, q_offset=b.q_offset, k_offset=b.k_offset)
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    out, lse = attention_block_forward(q, k, v, **offsets)
+                    attention_block_backward(q, k, v, out, out, lse, **offsets)
+                    samples.append(time.perf_counter() - start)
+                total += sorted(samples)[len(samples) // 2]
+        busy.append(total)
+    return busy[1:]
+
+
 def run(cp: int, seqs: list[int], heads: int, dim: int) -> list[dict]:
     rows = []
     with LocalWorld(cp) as world:
@@ -97,8 +125,13 @@ def run(cp: int, seqs: list[int], heads: int, dim: int) -> list[dict]:
                              "full_MB": full / 1e6, "ring_MB/rank": peak / 1e6,
                              "ring/(full/cp)": peak / (full / cp),
                              "busy_ms_min": min(busy) * 1e3, "busy_ms_max": max(busy) * 1e3,
-                             "balance_max/mean": max(busy) / (sum(busy) / len(busy))})
+                             "balance_max/mean": _balance(busy),
+                             "serial_balance": _balance(serial_busy(cp, seq, heads, dim, layout))})
     return rows
+
+
+def _balance(busy: list[float]) -> float:
+    return max(busy) / (sum(busy) / len(busy))
 
 
 def collect(argv=None) -> Report:

@@ -11,7 +11,6 @@ PNG show it.
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import asdict, dataclass
 
@@ -234,7 +233,7 @@ def _run_under_torchrun(cfg: DemoConfig, png, tolerance) -> bool:
     dist.init_process_group("gloo")  # CPU demo; the layers also run on NCCL with CUDA tensors
     try:
         cfg = DemoConfig(**{**asdict(cfg), "world": dist.get_world_size()})
-        parallel = (train_parallel if cfg.pp == 1 else train_pipeline)(copy.copy(cfg))
+        parallel = (train_parallel if cfg.pp == 1 else train_pipeline)(cfg)
         if dist.get_rank() != 0:
             return True
         return _finish(cfg, parallel, train_single(cfg), png, tolerance)

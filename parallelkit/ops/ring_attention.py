@@ -86,6 +86,7 @@ class RingAttentionFunction(torch.autograd.Function):
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cp_group, ctx.causal, ctx.layout, ctx.scale = cp_group, causal, layout, scale
+        ctx.held, ctx.part_len = held, part_len
         return out.to(q.dtype)
 
     @staticmethod
@@ -93,8 +94,7 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         cp_group, causal, layout, scale = ctx.cp_group, ctx.causal, ctx.layout, ctx.scale
         cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-        held = len(chunk_ids(layout, rank, cp))
-        part_len = q.shape[2] // held
+        held, part_len = ctx.held, ctx.part_len
         q_parts, out_parts = _parts(q, held), _parts(out, held)
         dout_parts = _parts(dout.to(out.dtype), held)
         lse_parts = [p.contiguous() for p in lse.chunk(held, dim=2)]

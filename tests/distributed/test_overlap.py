@@ -31,6 +31,10 @@ def _compare(op, tp, s, b, k, n, dtype, chunks):
         weight = seeded((n, k), dtype, 2 + rank)
         fused = lambda x, w: matmul_reduce_scatter(x, w, group, chunks)  # noqa: E731
         unfused = lambda x, w: mappings.reduce_scatter_to_sp_region(F.linear(x, w), group)  # noqa: E731
+    # Reduction lengths: y sums over k (all ranks' k for the reduce-scatter), grad x over n, grad
+    # weight over the tokens.
+    k_total = k if op == "all_gather_matmul" else k * tp
+    terms = {"y": k_total, "grad x": n, "grad weight": s * b}
     results = []
     for fn in (fused, unfused):
         xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -39,7 +43,7 @@ def _compare(op, tp, s, b, k, n, dtype, chunks):
         results.append((y.detach(), xi.grad, wi.grad))
     for name, got, want in zip(("y", "grad x", "grad weight"), *results):
         assert got.shape == want.shape, name
-        assert_close(got, want, name=f"{op} {name}")
+        assert_close(got, want, name=f"{op} {name}", terms=terms[name])
 
 
 @pytest.mark.parametrize("chunks", [1, 2])

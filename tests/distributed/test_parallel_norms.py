@@ -19,6 +19,8 @@ from parallelkit.testing.tolerances import assert_close
 HIDDEN = 96  # 96, 48 or 24 columns per rank: not powers of two
 LEAD = (3, 5)  # [s, b] tokens
 EPS = 1e-5
+# Reductions: the row statistics and dx sum over the hidden dim, dweight and dbias over the tokens.
+TERMS = HIDDEN + LEAD[0] * LEAD[1]
 
 
 def full_tensors(dtype, rms, offset=0.0):
@@ -82,7 +84,7 @@ def _op_parity(tp, rms, dtype, offset=0.0, tolerance=None):
 
     def check(actual, expected_value, name):
         if tolerance is None:
-            assert_close(actual, expected_value, name=name)
+            assert_close(actual, expected_value, name=name, terms=TERMS)
         else:
             torch.testing.assert_close(actual, expected_value.to(actual.dtype), **tolerance,
                                        msg=lambda m: f"{name}: {m}")
@@ -159,13 +161,14 @@ def _from_dense(tp, dtype):
                 y = layer(x_local)
                 y.backward(dy[..., mine])
             what = f"{dense} ({name} backend)"
-            assert_close(y, y_dense.detach()[..., mine], name=f"y of {what}")
-            assert_close(x_local.grad, x_full.grad[..., mine], name=f"dx of {what}")
+            assert_close(y, y_dense.detach()[..., mine], name=f"y of {what}", terms=TERMS)
+            assert_close(x_local.grad, x_full.grad[..., mine], name=f"dx of {what}",
+                         terms=TERMS)
             for param_name, param in layer.named_parameters():
                 assert param.tp_shard_dim == 0
                 assert torch.equal(param.detach(), dense_params[param_name].detach()[mine])
                 assert_close(param.grad, dense_params[param_name].grad[mine],
-                             name=f"d{param_name} of {what}")
+                             name=f"d{param_name} of {what}", terms=TERMS)
     return width
 
 
@@ -186,7 +189,7 @@ def _fresh_layers_and_residual_output(tp):
     x, residual = torch.randn(4, width), torch.randn(4, width)
     y, new_residual = layer(x, residual)
     assert torch.equal(new_residual, x + residual)
-    assert_close(layer(x + residual), y)
+    assert_close(layer(x + residual), y, terms=HIDDEN)
     assert "hidden=96" in repr(layer)
     return True
 

@@ -15,7 +15,7 @@ from parallelkit import mpu
 from parallelkit.pipeline_parallel import PipelineStage, train_step
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tiny_models import TinyConfig, TinyLM
-from parallelkit.testing.tolerances import TOLERANCES
+from parallelkit.testing.tolerances import assert_close, gradient_scale, transformer_terms
 
 SEQ, MICRO_BATCH = 4, 2
 CONFIG = TinyConfig(vocab=32, hidden=16, heads=2, ffn=32, layers=8)  # 8 blocks: pp*v = 4*2
@@ -61,7 +61,10 @@ def _parity(pp, schedule, m, dtype, kind="tinylm", tied=False, steps=1, costs=No
     stage = PipelineStage.from_layers(layers, lm_loss, pre=pre, post=post, costs=costs)
     stage.sync_tied_parameters()
 
-    tol = TOLERANCES[dtype]
+    # Micro-batch losses and gradients are summed over the m micro-batches and the steps too.
+    tokens = SEQ * m * MICRO_BATCH * steps
+    terms = transformer_terms(tokens, SEQ, CONFIG.hidden, CONFIG.ffn, CONFIG.vocab,
+                              CONFIG.layers) + m * steps
     for step in range(steps):  # a second step checks that gradients accumulate, tied ones too
         g = torch.Generator().manual_seed(step)
         ids = torch.randint(0, CONFIG.vocab, (SEQ, m * MICRO_BATCH), generator=g)
@@ -70,16 +73,17 @@ def _parity(pp, schedule, m, dtype, kind="tinylm", tied=False, steps=1, costs=No
                        zip(ids.chunk(m, dim=1), targets.chunk(m, dim=1))) / m
         expected.backward()
         loss = train_step(schedule, stage, ids, targets, m, (SEQ, MICRO_BATCH, CONFIG.hidden))
-        torch.testing.assert_close(loss.to(dtype), expected.detach(), **tol)
+        assert_close(loss.to(dtype), expected.detach(), name="loss", terms=terms)
 
     reference_params = dict(reference.named_parameters())
+    scale = gradient_scale(reference)
     mine = {id(p) for p in stage.parameters()}
     checked = []
     for name, param in model.named_parameters():
         if id(param) in mine:
             assert param.grad is not None, name
-            torch.testing.assert_close(param.grad, reference_params[name].grad, **tol,
-                                       msg=lambda text: f"{name}: {text}")
+            assert_close(param.grad, reference_params[name].grad, name=name, terms=terms,
+                         scale=scale)
             checked.append(name)
     return checked, loss.item(), [name for name, _ in model.named_parameters()]
 

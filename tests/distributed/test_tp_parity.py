@@ -8,8 +8,8 @@ from parallelkit.tensor_parallel import (register_sequence_parallel_grad_hooks,
                                          sync_sequence_parallel_grads)
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.testing.tolerances import assert_close, gradient_scale, transformer_terms
 
-TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 # Which dim of the dense gradient each TP parameter holds a shard of (None: all of it).
 SHARD_DIMS = {"q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "fc1.weight": 0,
               "q_proj.bias": 0, "k_proj.bias": 0, "v_proj.bias": 0, "fc1.bias": 0,
@@ -28,22 +28,26 @@ def batch(seed, s=8, b=2, vocab=64):
 def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1, overlap_comm=False):
     state = mpu.initialize(tp=tp)
     torch.manual_seed(0)
-    dense = TinyLM(TinyConfig()).to(dtype)
+    config = TinyConfig()
+    dense = TinyLM(config).to(dtype)
     model = TinyLM.tensor_parallel(dense, state.tp.group, sequence_parallel, overlap_comm)
     if use_hooks:
         register_sequence_parallel_grad_hooks(model, state.tp.group)
     for step in range(micro_batches):  # gradients accumulate over micro-batches
         ids, targets = batch(seed=step)
+        terms = micro_batches * transformer_terms(ids.numel(), ids.shape[0], config.hidden,
+                                                  config.ffn, config.vocab, config.layers)
         dense_loss = dense.loss(ids, targets)
         dense_loss.backward()
         loss = model.loss(ids, targets)
         loss.backward()
-        torch.testing.assert_close(loss, dense_loss, **TOLERANCES[dtype])
+        assert_close(loss, dense_loss, name="loss", terms=terms)
     if sequence_parallel and not use_hooks:
         sync_sequence_parallel_grads(model, state.tp.group)
 
     dense_params = dict(dense.named_parameters())
     assert dense_params.keys() == dict(model.named_parameters()).keys()
+    scale = gradient_scale(dense)
     for name, param in model.named_parameters():
         dim = expected_shard_dim(name)
         assert getattr(param, "tp_shard_dim", None) == dim, name
@@ -52,8 +56,7 @@ def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1, over
             ref_value = ref_value.chunk(tp, dim)[state.tp.rank]
             ref_grad = ref_grad.chunk(tp, dim)[state.tp.rank]
         assert torch.equal(param.detach(), ref_value), name
-        torch.testing.assert_close(param.grad, ref_grad, **TOLERANCES[dtype],
-                                   msg=lambda m: f"{name}: {m}")
+        assert_close(param.grad, ref_grad, name=name, terms=terms, scale=scale)
     return loss.item()
 
 

@@ -6,18 +6,17 @@ import torch
 
 from parallelkit.ops import merge_attention_partials_
 from parallelkit.reference import merge_attention_partials
+from parallelkit.testing.tolerances import tolerance
 
 NEG_INF = float("-inf")
 
-# The error one rounding to dtype leaves in values of order 1. Each test looks up the dtype whose
-# rounding it exposes: the merge's accumulation (out's dtype) when the reference sees the same
-# inputs, the blocks' dtype when they were rounded from float64 attention.
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
+
+def rounding(dtype, terms=2):
+    """The error of a merge of ``terms`` partials of order 1 rounded to ``dtype``. Each test
+    names the dtype whose rounding it exposes: the merge's accumulation (out's dtype) when the
+    reference sees the same inputs, the blocks' dtype when they were rounded from float64."""
+    return tolerance(dtype, terms)
+
 DTYPES = [  # (out and lse dtype, block_out dtype)
     (torch.float64, torch.float64),
     (torch.float32, torch.float32),
@@ -79,8 +78,8 @@ def test_matches_reference(device, dtype, block_dtype, lse_shape, d):
 
     merge_attention_partials_(out, lse, block_out, block_lse)
 
-    torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[dtype])
-    torch.testing.assert_close(lse.double(), ref_lse, **TOLERANCES[dtype])
+    torch.testing.assert_close(out.double(), ref_out, **rounding(dtype))
+    torch.testing.assert_close(lse.double(), ref_lse, **rounding(dtype))
     # A fully masked block leaves its rows bit for bit; a NaN in them would have failed above.
     untouched = (kind == 2) | (kind == 3)
     assert torch.equal(out[untouched], out0[untouched])
@@ -115,8 +114,10 @@ def test_merging_blocks_equals_attention_over_all_keys(device, dtype, block_dtyp
             out, lse, block_out.to(device, block_dtype), block_lse.to(device, dtype)
         )
 
-    torch.testing.assert_close(out.cpu().double(), expected_out, **TOLERANCES[block_dtype])
-    torch.testing.assert_close(lse.cpu().double(), expected_lse, **TOLERANCES[dtype])
+    # Three blocks merged; each block's out was a float64 softmax-weighted sum over d.
+    terms = len(sizes) + d
+    torch.testing.assert_close(out.cpu().double(), expected_out, **rounding(block_dtype, terms))
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, **rounding(dtype, terms))
 
 
 def _bad_inputs():

@@ -33,17 +33,17 @@ from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear
                                          VocabParallelEmbedding)
 
 STYLES = {
-    "colwise": lambda m, g: ColumnParallelLinear.from_dense(m, tp_group=g.tp),
+    "colwise": lambda m, g: ColumnParallelLinear.from_dense(m, tp_group=g.tp_arg),
     "colwise_gather": lambda m, g: ColumnParallelLinear.from_dense(m, gather_output=True,
-                                                                   tp_group=g.tp),
-    "rowwise": lambda m, g: RowParallelLinear.from_dense(m, input_is_parallel=True, tp_group=g.tp),
-    "vocab": lambda m, g: VocabParallelEmbedding.from_dense(m, tp_group=g.tp),
-    "cp_attention": lambda m, g: ContextParallelAttention(g.cp, g.cp_layout),
-    "conv1d_colwise": lambda m, g: ColumnParallelLinear.from_dense(_as_linear(m), tp_group=g.tp),
+                                                                   tp_group=g.tp_arg),
+    "rowwise": lambda m, g: RowParallelLinear.from_dense(m, input_is_parallel=True, tp_group=g.tp_arg),
+    "vocab": lambda m, g: VocabParallelEmbedding.from_dense(m, tp_group=g.tp_arg),
+    "cp_attention": lambda m, g: ContextParallelAttention(g.cp_arg, g.cp_layout),
+    "conv1d_colwise": lambda m, g: ColumnParallelLinear.from_dense(_as_linear(m), tp_group=g.tp_arg),
     "conv1d_rowwise": lambda m, g: RowParallelLinear.from_dense(_as_linear(m), input_is_parallel=True,
-                                                                tp_group=g.tp),
+                                                                tp_group=g.tp_arg),
     "conv1d_qkv": lambda m, g: ColumnParallelLinear.from_dense(
-        _as_linear(m, qkv_parts=dist.get_world_size(g.tp)), tp_group=g.tp),
+        _as_linear(m, qkv_parts=dist.get_world_size(g.tp)), tp_group=g.tp_arg),
 }
 
 LLAMA_PLAN = {
@@ -77,8 +77,14 @@ TINYLM_PLAN = {
 
 
 class _Groups:
-    def __init__(self, tp: dist.ProcessGroup, cp: dist.ProcessGroup, cp_layout: str):
-        self.tp, self.cp, self.cp_layout = tp, cp, cp_layout
+    """The groups to convert for, and what the caller passed: None makes each layer bind to the
+    MPU's group, so that it refuses to run after the MPU changes layout."""
+
+    def __init__(self, tp_arg: dist.ProcessGroup | None, cp_arg: dist.ProcessGroup | None,
+                 cp_layout: str):
+        self.tp_arg, self.cp_arg, self.cp_layout = tp_arg, cp_arg, cp_layout
+        self.tp = tp_arg if tp_arg is not None else mpu.get_tp_group()
+        self.cp = cp_arg if cp_arg is not None else mpu.get_cp_group()
 
 
 def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *,
@@ -90,8 +96,7 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *,
     (``split_for_context_parallel``) and, for rotary models, their global ``position_ids``
     (``context_parallel_positions``); the loss is then a mean over this rank's tokens.
     """
-    groups = _Groups(tp_group if tp_group is not None else mpu.get_tp_group(),
-                     cp_group if cp_group is not None else mpu.get_cp_group(), cp_layout)
+    groups = _Groups(tp_group, cp_group, cp_layout)
     tp, cp = dist.get_world_size(groups.tp), dist.get_world_size(groups.cp)
     kind = _model_kind(model)
     if plan is None:
@@ -196,7 +201,7 @@ def _use_context_parallel_attention(model: nn.Module, groups: _Groups) -> None:
     """Route transformers' attention call of ``model`` to a ContextParallelAttention."""
     from transformers import AttentionInterface
 
-    attention = ContextParallelAttention(groups.cp, groups.cp_layout)
+    attention = ContextParallelAttention(groups.cp_arg, groups.cp_layout)
 
     def context_parallel_attention(module, query, key, value, attention_mask, dropout=0.0,
                                    scaling=None, **kwargs):

@@ -8,7 +8,7 @@ from torch import nn
 
 from parallelkit.distributed.context_layout import LAYOUTS
 from parallelkit.context_parallel.ulysses import ulysses_attention
-from parallelkit.distributed import mpu
+from parallelkit.distributed.groups import bind_group
 from parallelkit.ops.ring_attention import ring_attention
 
 MODES = {"ring": ring_attention, "ulysses": ulysses_attention}
@@ -36,11 +36,13 @@ class ContextParallelAttention(nn.Module):
             raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {tuple(MODES)}")
-        self.cp_group = cp_group if cp_group is not None else mpu.get_cp_group()
+        self._group = bind_group(cp_group, "cp")
+        self.cp_group = self._group.group
         self.layout, self.mode = layout, mode
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
                 scale: float | None = None) -> torch.Tensor:
+        self._group.check(self)
         return MODES[self.mode](q, k, v, self.cp_group, causal=is_causal, layout=self.layout,
                                 scale=scale)
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelkit.ops.cross_entropy import validate_options, vocab_parallel_cross_entropy
-from parallelkit.tensor_parallel.sharding import resolve_tp_group
+from parallelkit.distributed.groups import bind_group
 
 
 class VocabParallelCrossEntropy(nn.Module):
@@ -28,8 +28,8 @@ class VocabParallelCrossEntropy(nn.Module):
         out: scalar ('mean', 'sum') or ``[...]`` ('none'); float32 (float64 for float64 logits),
             the same on every TP rank.
 
-    Group: ``tp_group``, else the MPU's TP group (resolved at construction). Every rank must
-    pass the same V/tp (not checked: it would cost a collective per call).
+    Group: ``tp_group``, else the MPU's TP group (resolved at construction, checked at each call
+    to still be the MPU's).
 
     Args:
         label_smoothing: ε in [0, 1), as in ``F.cross_entropy``.
@@ -44,11 +44,13 @@ class VocabParallelCrossEntropy(nn.Module):
                  tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         validate_options(label_smoothing, reduction)
-        self.tp_group = resolve_tp_group(tp_group)
+        self._group = bind_group(tp_group, "tp")
+        self.tp_group = self._group.group
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
         self.reduction, self.inplace_backward = reduction, inplace_backward
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self._group.check(self)
         return vocab_parallel_cross_entropy(
             logits, targets, self.tp_group, label_smoothing=self.label_smoothing,
             ignore_index=self.ignore_index, reduction=self.reduction,

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallelkit.distributed import mappings
-from parallelkit.tensor_parallel.sharding import (copy_shard_, divide, new_parameter,
-                                                  resolve_tp_group)
+from parallelkit.distributed.groups import bind_group
+from parallelkit.tensor_parallel.sharding import (check_positive_int, copy_shard_, divide,
+                                                  new_parameter)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -34,8 +35,13 @@ class VocabParallelEmbedding(nn.Module):
                  sequence_parallel: bool = False, *, tp_group: dist.ProcessGroup | None = None,
                  device=None, dtype=None, skip_init: bool = False):
         super().__init__()
-        self.tp_group = resolve_tp_group(tp_group)
-        self.tp = dist.get_world_size(self.tp_group)
+        check_positive_int("VocabParallelEmbedding", "num_embeddings", num_embeddings)
+        check_positive_int("VocabParallelEmbedding", "embedding_dim", embedding_dim)
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"VocabParallelEmbedding padding_idx={padding_idx} must be in "
+                             f"[-{num_embeddings}, {num_embeddings}) (num_embeddings)")
+        self._group = bind_group(tp_group, "tp")
+        self.tp_group, self.tp = self._group.group, self._group.size
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.sequence_parallel = sequence_parallel
         if padding_idx is not None and padding_idx < 0:
@@ -74,7 +80,8 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        _check_ids(ids, self.num_embeddings)
+        self._group.check(self)
+        _check_ids(ids, self.num_embeddings, self.weight.device)
         if self.tp == 1:
             out = F.embedding(ids, self.weight, self.padding_idx)
         else:
@@ -101,10 +108,17 @@ class VocabParallelEmbedding(nn.Module):
                 f"{self.vocab_end}), tp={self.tp}, sequence_parallel={self.sequence_parallel}")
 
 
-def _check_ids(ids: torch.Tensor, vocab: int) -> None:
+def _check_ids(ids: torch.Tensor, vocab: int, device: torch.device) -> None:
     """Out-of-range ids would be silently zeroed by the masking: refuse them as nn.Embedding does."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"VocabParallelEmbedding expects a tensor of token ids, got "
+                        f"{type(ids).__name__}")
     if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"VocabParallelEmbedding expects int64 or int32 ids, got {ids.dtype}")
+        raise TypeError(f"VocabParallelEmbedding expects int64 or int32 ids, got {ids.dtype}; "
+                        f"pass ids.long()")
+    if ids.device != device:
+        raise ValueError(f"VocabParallelEmbedding has its table on {device} but got ids on "
+                         f"{ids.device}; move them with ids.to({str(device)!r})")
     if ids.numel() == 0:
         return
     in_range = (ids.min() >= 0) & (ids.max() < vocab)

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallelkit.distributed import mappings
+from parallelkit.distributed.groups import bind_group
 from parallelkit.ops import overlap
 from parallelkit.tensor_parallel.sequence_parallel import mark_sequence_parallel
-from parallelkit.tensor_parallel.sharding import (copy_shard_, divide, new_parameter,
-                                                  resolve_tp_group)
+from parallelkit.tensor_parallel.sharding import (check_input, check_positive_int, copy_shard_,
+                                                  divide, new_parameter)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,11 @@ class _ParallelLinear(nn.Module):
         if overlap_comm and not sequence_parallel:
             raise ValueError(f"{name}(overlap_comm=True) fuses the sequence-parallel collective "
                              "into the matmul: it needs sequence_parallel=True")
-        if chunks_per_rank < 1:
-            raise ValueError(f"{name} chunks_per_rank={chunks_per_rank} must be >= 1")
-        self.tp_group = resolve_tp_group(tp_group)
-        self.tp = dist.get_world_size(self.tp_group)
+        check_positive_int(name, "in_features", in_features)
+        check_positive_int(name, "out_features", out_features)
+        check_positive_int(name, "chunks_per_rank", chunks_per_rank)
+        self._group = bind_group(tp_group, "tp")
+        self.tp_group, self.tp = self._group.group, self._group.size
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel = sequence_parallel
         self.overlap_comm, self.chunks_per_rank = overlap_comm, chunks_per_rank
@@ -101,7 +103,9 @@ class _ParallelLinear(nn.Module):
         return layer
 
     def _check_input(self, x: torch.Tensor, features: int, hint: str) -> None:
-        if x.shape[-1] != features:
+        self._group.check(self)
+        check_input(type(self).__name__, x, self.weight)
+        if x.dim() == 0 or x.shape[-1] != features:
             raise ValueError(f"{type(self).__name__} expects inputs [..., {features}] ({hint}), "
                              f"got shape {tuple(x.shape)}")
 

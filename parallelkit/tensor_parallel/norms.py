@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallelkit.distributed.groups import bind_group
 from parallelkit.ops.norms import parallel_layer_norm, parallel_rms_norm
-from parallelkit.tensor_parallel.sharding import (copy_shard_, divide, new_parameter,
-                                                  resolve_tp_group)
+from parallelkit.tensor_parallel.sharding import (check_eps, check_input, check_positive_int,
+                                                  copy_shard_, divide, new_parameter)
 
 
 class _ParallelNorm(nn.Module):
@@ -26,8 +27,11 @@ class _ParallelNorm(nn.Module):
     def __init__(self, hidden: int, eps: float | None, elementwise_affine: bool, bias: bool,
                  tp_group: dist.ProcessGroup | None, device, dtype, skip_init: bool):
         super().__init__()
-        self.tp_group = resolve_tp_group(tp_group)
-        self.tp = dist.get_world_size(self.tp_group)
+        name = type(self).__name__
+        check_positive_int(name, "hidden", hidden)
+        check_eps(name, eps, allow_none=isinstance(self, ParallelRMSNorm))
+        self._group = bind_group(tp_group, "tp")
+        self.tp_group, self.tp = self._group.group, self._group.size
         self.hidden, self.eps = hidden, eps
         self.local_hidden = divide(hidden, self.tp, f"{type(self).__name__} hidden")
         shard = (self.local_hidden,)
@@ -68,6 +72,9 @@ class _ParallelNorm(nn.Module):
         return layer
 
     def _check_input(self, x: torch.Tensor) -> None:
+        self._group.check(self)
+        # Mixed precision is allowed here (bf16 rows, fp32 weight): the kernels upcast.
+        check_input(type(self).__name__, x, self.weight, same_dtype=False)
         if x.dim() == 0 or x.shape[-1] != self.local_hidden:
             raise ValueError(f"{type(self).__name__}(hidden={self.hidden}) on tp={self.tp} ranks "
                              f"expects this rank's hidden slice [..., {self.local_hidden}], got "
@@ -94,7 +101,8 @@ class ParallelLayerNorm(_ParallelNorm):
     def from_dense(cls, norm: nn.LayerNorm, *,
                    tp_group: dist.ProcessGroup | None = None) -> "ParallelLayerNorm":
         """This rank's shard of ``norm``; the layer computes this rank's slice of its output."""
-        return cls._from_dense(norm, nn.LayerNorm, tp_group, bias=norm.bias is not None)
+        return cls._from_dense(norm, nn.LayerNorm, tp_group,
+                               bias=getattr(norm, "bias", None) is not None)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """y, or ``(y, x + residual)`` when residual is given."""

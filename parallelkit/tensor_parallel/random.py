@@ -102,9 +102,9 @@ def model_parallel_seed(seed: int, tp_group: dist.ProcessGroup | None = None,
     """Seed the default stream with ``seed`` (equal on all ranks) and the TP stream with
     ``seed + 2718 + tp_rank``. ``device_type`` defaults to "cuda" when available, else "cpu"."""
     global _tracker
-    from parallelkit.tensor_parallel.sharding import resolve_tp_group
+    from parallelkit.distributed.groups import resolve_group
 
-    tp_rank = dist.get_rank(resolve_tp_group(tp_group))
+    tp_rank = dist.get_rank(resolve_group(tp_group, "tp"))
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)  # seeds the CPU generator and every CUDA device's

@@ -93,7 +93,7 @@ def _bad_overlap_input():
         native.all_gather_matmul(x[None], w, group, 1)
     with pytest.raises(ValueError, match=r"overlap_comm=True\) .* needs sequence_parallel=True"):
         ColumnParallelLinear(8, 8, overlap_comm=True)
-    with pytest.raises(ValueError, match=r"chunks_per_rank=0 must be >= 1"):
+    with pytest.raises(ValueError, match=r"chunks_per_rank=0 must be an integer >= 1"):
         RowParallelLinear(8, 8, input_is_parallel=True, sequence_parallel=True, overlap_comm=True,
                           chunks_per_rank=0)
 

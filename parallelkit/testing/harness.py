@@ -10,8 +10,9 @@
 
 One :class:`~parallelkit.launch.LocalWorld` per world size is forked on first use and kept until
 the session ends (forking costs ~0.5 s, spawning ~13 s). A failing, dying or hanging rank fails the
-test with that rank's traceback or a timeout message; that world is discarded and the next test
-gets a fresh one. The MPU is destroyed after every call, so no test inherits another's groups.
+test with that rank's traceback or a timeout message that says where each unfinished rank waits;
+that world is discarded and the next test gets a fresh one. The MPU is destroyed after every
+call, so no test inherits another's groups.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 60.0,
     """``fn(*args, **kwargs)`` on every rank of a ``world_size`` gloo world; per-rank results."""
     world = _worlds.get(world_size)
     if world is None or not world.alive:
+        if world is not None:
+            world.close()  # a rank died while idle: stop the rest before forking anew
         world = _worlds[world_size] = LocalWorld(world_size)
     return world.run(fn, *args, timeout=timeout, **kwargs)
 

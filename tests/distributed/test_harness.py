@@ -1,13 +1,14 @@
 """The multi-rank harness itself: results, reuse, and failures that name the rank."""
 
 import os
+import threading
 import time
 
 import pytest
 import torch.distributed as dist
 
-from parallelkit.launch import RankFailure
-from parallelkit.testing import run_on_ranks
+from parallelkit.launch import LocalWorld, RankFailure
+from parallelkit.testing import close_worlds, run_on_ranks
 
 
 def _rank_and_pid(offset):
@@ -44,12 +45,15 @@ def _hang_on_rank_2():
         time.sleep(60)
 
 
-def test_hanging_rank_times_out():
+def test_hanging_rank_times_out_with_its_stack():
     start = time.monotonic()
     with pytest.raises(RankFailure, match=r"rank\(s\) \[2\] did not finish running "
-                                          r"_hang_on_rank_2 within 2 s"):
+                                          r"_hang_on_rank_2 within 2 s") as caught:
         run_on_ranks(_hang_on_rank_2, 4, timeout=2)
     assert time.monotonic() - start < 15
+    sleep_line = _hang_on_rank_2.__code__.co_firstlineno + 2
+    assert "rank(s) [2] are not in a collective (likely the cause)" in str(caught.value)
+    assert f"test_harness.py:{sleep_line} in _hang_on_rank_2" in str(caught.value)
 
 
 def _die_on_rank_0():
@@ -65,3 +69,25 @@ def test_dying_rank_reported():
 def test_local_functions_rejected_with_a_clear_error():
     with pytest.raises(TypeError, match="pass a function defined at module level"):
         run_on_ranks(lambda: None, 2)
+
+
+def test_close_stops_the_workers_and_can_run_twice():
+    world = LocalWorld(2)
+    pids = world.run(os.getpid)
+    world.close()
+    world.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped by close(), not merely killed
+    with pytest.raises(RuntimeError, match="has been closed.*open a new one"):
+        world.run(os.getpid)
+    cached = run_on_ranks(os.getpid, 2)
+    close_worlds()  # what atexit runs at the session's end
+    assert run_on_ranks(os.getpid, 2) != cached  # a fresh world was forked
+
+
+def test_unpicklable_arguments_rejected_before_any_rank_runs():
+    pids = run_on_ranks(_rank_and_pid, 2, 0)
+    with pytest.raises(TypeError, match="cannot be pickled.*picklable arguments"):
+        run_on_ranks(_rank_and_pid, 2, threading.Lock())
+    assert run_on_ranks(_rank_and_pid, 2, 0) == pids  # the world was not torn down

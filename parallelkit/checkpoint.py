@@ -13,14 +13,16 @@ Under pipeline parallelism each rank saves and loads only the parameters its opt
 (its stages), under their names in the whole model, so the union over ranks is the model and a
 checkpoint saved at pp=2 loads at pp=1, or the other way round.
 
-A save goes to a temporary folder that is renamed into place only after every rank has written,
-so a failed save never leaves a folder that loads as complete.
+A save goes to a temporary folder that replaces ``path`` only after every rank has written, in
+steps chosen so that a crash at any instant leaves the old or the new checkpoint loadable, and
+records a checksum of each data file (``checkpoint_files`` explains both). A load first checks
+that the checkpoint fits the model (same keys, same full shapes) and that its files are whole,
+so each failure names the key or the file and the fix rather than failing inside DCP.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 
 import torch
@@ -29,9 +31,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from parallelkit import checkpoint_files as files
+from parallelkit.checkpoint_files import CheckpointDamagedError
 from parallelkit.distributed import comm
 
-METADATA = ".metadata"  # DCP writes it last: without it a checkpoint is incomplete
+__all__ = ["save_checkpoint", "load_checkpoint", "full_state_dict", "sharded_state_dict",
+           "CheckpointMismatchError", "CheckpointDamagedError"]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model: a key it lacks, or a tensor of another shape."""
 
 
 def _distributed() -> bool:
@@ -114,40 +123,112 @@ def _empty_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
 
 def save_checkpoint(path: str, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write a checkpoint folder at ``path`` (a collective when distributed)."""
-    staging = _staging_path(path)
-    dcp.save(sharded_state_dict(model, optimizer), checkpoint_id=staging)
+    """Write a checkpoint folder at ``path`` (a collective when distributed), replacing the one
+    there, if any, only once the new one is complete."""
+    path = os.path.normpath(path)
+    token = _shared_token()
+    staging = files.staging_path(path, token)
+    # DCP returns once every rank's data and its .metadata are written, on every rank.
+    metadata = dcp.save(sharded_state_dict(model, optimizer), checkpoint_id=staging)
+    rank, world = _rank_and_world()
+    share = files.checksum_share(staging, files.data_files(metadata), rank, world)
+    checksums = {name: value for part in _all_gather(share) for name, value in part.items()}
+    if rank == 0:
+        files.replace_checkpoint(path, staging, token, checksums)
     if _distributed():
-        dist.barrier()  # every rank has written its files
-    if not _distributed() or dist.get_rank() == 0:
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    if _distributed():
-        dist.barrier()
+        dist.barrier()  # no rank returns before the checkpoint is in place
 
 
-def _staging_path(path: str) -> str:
+def _shared_token() -> str:
     token = [uuid.uuid4().hex[:8]]
     if _distributed():
         dist.broadcast_object_list(token, src=0)  # one staging folder for all ranks
-    return f"{path.rstrip('/')}.incomplete-{token[0]}"
+    return token[0]
 
 
-def load_checkpoint(path: str, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Load ``path`` into ``model`` (and ``optimizer``) at the current layout, in place."""
-    if not os.path.isfile(os.path.join(path, METADATA)):
-        raise FileNotFoundError(f"no complete checkpoint at {path!r} (no {METADATA} file): it "
-                                "does not exist or its save did not finish")
-    state = sharded_state_dict(model, optimizer)
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _all_gather(value) -> list:
+    """``value`` from every rank (just this one when not distributed)."""
+    if not _distributed():
+        return [value]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    return every
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    verify: bool = True) -> None:
+    """Load ``path`` into ``model`` (and ``optimizer``) at the current layout, in place.
+
+    When a save at ``path`` was interrupted, loads the complete copy it left and warns (see
+    ``checkpoint_files``). Raises ``CheckpointMismatchError`` when the checkpoint does not fit
+    the model and ``CheckpointDamagedError`` when a file is missing, truncated or (``verify``:
+    compare checksums, one more read of the data) corrupted; on every rank alike."""
+    folder = files.find_complete(os.path.normpath(path))
     try:
-        dcp.load(state, checkpoint_id=path)
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as error:
+        raise CheckpointDamagedError(f"checkpoint {folder!r}: its {files.METADATA} file cannot "
+                                     f"be read ({type(error).__name__}: {error}); load an "
+                                     "earlier checkpoint") from error
+    state = sharded_state_dict(model, optimizer)
+    _check_fits(folder, metadata.state_dict_metadata, state)
+    problems = sorted({p for part in _all_gather(
+        files.damaged_files(folder, metadata, verify, *_rank_and_world())) for p in part})
+    if problems:
+        raise CheckpointDamagedError(f"checkpoint {folder!r} is damaged: " + "; ".join(problems)
+                                     + ". Restore the file from a copy of the checkpoint, or "
+                                     "load an earlier checkpoint")
+    try:
+        dcp.load(state, checkpoint_id=folder)
     except (Exception, CheckpointException) as error:  # the latter is a BaseException
-        raise RuntimeError(f"checkpoint {path!r} could not be read ({type(error).__name__}: "
-                           f"{error}); a data file is missing or truncated") from error
+        raise CheckpointDamagedError(
+            f"checkpoint {folder!r} could not be read ({type(error).__name__}: {error}), "
+            f"though its data files passed the size{' and checksum' if verify else ''} checks"
+        ) from error
     if optimizer is not None:
         _restore_optimizer_views(model, optimizer, state)
+
+
+def _check_fits(folder: str, saved: dict, state: dict) -> None:
+    """Every key of ``state`` is in the checkpoint at the same full shape, and every parameter
+    of the checkpoint is in ``state``. The keys are those of every rank (a pipeline stage holds
+    some), so every rank raises the same error."""
+    mine = {key: tuple(value.shape) for key, value in state.items()}  # a DTensor's: the full
+    expected = {key: shape for part in _all_gather(mine) for key, shape in part.items()}
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    # Optimizer state nobody asked for is fine (loading the weights alone); parameters the model
+    # lacks are not: the checkpoint is of another model, and loading part of it is a silent bug.
+    if missing or any(key.startswith("model.") for key in unexpected):
+        if missing and all(key.startswith("optim.") for key in missing) and \
+                not any(key.startswith("optim.") for key in saved):
+            hint = "It was saved without an optimizer: load it with optimizer=None"
+        else:
+            hint = ("It was saved from another model (other layers, or renamed parameters): "
+                    "load it into the model it was saved from")
+        found = [f"{what} {len(keys)} key(s) {whose}: {_some(list(map(repr, keys)))}"
+                 for what, keys, whose in (("lacks", missing, "the model expects"),
+                                           ("holds", unexpected, "the model does not have"))
+                 if keys]
+        raise CheckpointMismatchError(f"checkpoint {folder!r} does not match the model: it "
+                                      f"{'; it '.join(found)}. {hint}")
+    wrong = [f"{key!r} saved as {tuple(saved[key].size)}, expected {shape}"
+             for key, shape in sorted(expected.items())
+             if hasattr(saved[key], "size") and tuple(saved[key].size) != shape]
+    if wrong:
+        raise CheckpointMismatchError(
+            f"checkpoint {folder!r} has tensors of other full (unsharded) shapes than the "
+            f"model: {_some(wrong)}. It was saved from a different model config (vocab size, "
+            "hidden size, ...): build the model with the config it was saved with")
+
+
+def _some(items: list[str], shown: int = 5) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _restore_optimizer_views(model, optimizer, state) -> None:

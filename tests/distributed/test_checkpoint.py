@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from parallelkit import mpu
-from parallelkit.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from parallelkit.checkpoint import (CheckpointDamagedError, CheckpointMismatchError,
+                                    full_state_dict, load_checkpoint, save_checkpoint)
 from parallelkit.parallelize import parallelize
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tiny_models import TinyConfig, TinyLM
@@ -109,24 +110,78 @@ def _failing_save(path):
         pass
     finally:
         dcp.save = original
+    return full_state_dict(model)
 
 
-def test_missing_truncated_and_failed_checkpoints(tmp_path):
+def test_a_failed_save_is_recovered_with_a_warning_then_cleaned_up(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint at .* does not exist"):
         load_checkpoint(str(tmp_path / "nothing"), TinyLM(CONFIG))
     failed = str(tmp_path / "failed")
-    run_on_ranks(_failing_save, 4, failed)
-    assert any(".incomplete-" in f for f in os.listdir(tmp_path))  # the data is there, but ...
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        load_checkpoint(failed, TinyLM(CONFIG))  # ... never under the checkpoint's name
+    params = run_on_ranks(_failing_save, 4, failed)[0]
+    (staging,) = os.listdir(tmp_path)  # complete, but never renamed into place
+    assert ".incomplete-" in staging
+    dense = TinyLM(CONFIG)
+    with pytest.warns(UserWarning, match=f"no complete checkpoint at '{failed}': a save was "
+                                         f"interrupted; loading '.*{staging}'"):
+        load_checkpoint(failed, dense)
+    assert_equal({n: p.detach() for n, p in dense.named_parameters()}, params)
+    run_on_ranks(_save, 4, failed, 2)  # the next save removes what the failed one left
+    assert os.listdir(tmp_path) == ["failed"]
 
+
+def _load_error(path, tp, vocab):
+    """What each rank raises loading ``path`` into the model with ``vocab`` at ``tp``."""
+    mpu.initialize(tp=tp)
+    model = parallelize(TinyLM(TinyConfig(vocab=vocab, layers=2)))
+    try:
+        load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))
+    except (CheckpointMismatchError, CheckpointDamagedError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def test_every_rank_raises_the_same_named_error(tmp_path):
     path = str(tmp_path / "ckpt")
     run_on_ranks(_save, 4, path, 2)
-    data = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))
-    with open(os.path.join(path, data[0]), "r+b") as f:
-        f.truncate(16)
-    with pytest.raises(RuntimeError, match=r"(?s)could not be read .* missing or truncated"):
-        load_checkpoint(path, TinyLM(CONFIG))
+    # Each rank holds half the vocab rows: the error still gives the full shapes.
+    errors = run_on_ranks(_load_error, 4, path, 2, vocab=128)
+    assert len(set(errors)) == 1, errors
+    assert errors[0].startswith("CheckpointMismatchError")
+    assert "'model.embed.weight' saved as (64, 32), expected (128, 32)" in errors[0]
+    # The checksums are split over the ranks; the one that finds the damage tells the others.
+    last = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))[-1]
+    with open(os.path.join(path, last), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\xff" * 64)
+    errors = run_on_ranks(_load_error, 4, path, 2, vocab=64)
+    assert len(set(errors)) == 1, errors
+    assert errors[0].startswith("CheckpointDamagedError") and f"{last}' is corrupted" in errors[0]
+
+
+def test_a_tensor_of_another_shape_is_named_with_both_full_shapes(tmp_path):
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(path, TinyLM(CONFIG))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"'model\.embed\.weight' saved as \(64, 32\), expected \(128, 32\)"
+                             r".*different model config \(vocab size, hidden size"):
+        load_checkpoint(path, TinyLM(TinyConfig(vocab=128, layers=2)))
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(path, TinyLM(CONFIG))  # no optimizer state
+    model = TinyLM(CONFIG)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"lacks \d+ key\(s\) the model expects: 'optim\..*"
+                             r"saved without an optimizer: load it with optimizer=None"):
+        load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"lacks \d+ key\(s\) the model expects: 'model\.blocks\.2\..*"
+                             r"from another model"):
+        load_checkpoint(path, TinyLM(TinyConfig(vocab=64, layers=3)))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"holds \d+ key\(s\) the model does not have: 'model\.blocks\.1\..*"
+                             r"from another model"):
+        load_checkpoint(path, TinyLM(TinyConfig(vocab=64, layers=1)))
 
 
 def _pipeline_model(tp, pp):

@@ -8,13 +8,21 @@ it, so the updated parameter shards are all-gathered straight into the parameter
 Buckets are planned in reverse parameter order: autograd produces gradients roughly from the last
 layer to the first, so the first bucket is complete early in backward and its collective overlaps
 the rest of it.
+
+Every rank of the group must build the same buckets, or a collective receives a size it did not
+expect and the backend aborts the process. :func:`check_replicas_agree` proves they do (one
+all-gather of a fixed-size digest) and names the first difference otherwise;
+:func:`broadcast_from_first_rank_` makes the replicas' values start equal.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from parallelkit.distributed import comm
@@ -22,6 +30,9 @@ from parallelkit.distributed import comm
 # torch DDP's default: big enough that each bucket's collective runs near link speed, small
 # enough that the first bucket is ready early in backward.
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+# What a gradient bucket can hold: the dtypes torch's collectives reduce on both gloo and NCCL.
+BUCKET_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+                 torch.complex128)
 
 
 def plan_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
@@ -130,3 +141,130 @@ class Bucket:
     @staticmethod
     def _slice(flat: torch.Tensor, param: nn.Parameter, offset: int) -> torch.Tensor:
         return flat[offset:offset + param.numel()].view_as(param)
+
+
+# --- Replica agreement: checks and syncs that keep a bucket's collective from ever mismatching ---
+
+
+def describe_tensor(tensor: torch.Tensor) -> str:
+    """``(8, 4) float32``: what a rank says about a tensor when replicas are compared."""
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def check_replicas_agree(what: str, entries: list[tuple[str, str]], group: dist.ProcessGroup, *,
+                         fix: str, local_error: str | None = None) -> None:
+    """Raise ValueError on every rank of ``group`` unless all of them passed equal ``entries``
+    (``(key, description)`` pairs, in order) and none passed a ``local_error``.
+
+    The common case costs one all-gather of 3 int64 per rank (count, digest, error flag): its size
+    does not depend on the entries, so the check itself cannot abort on the mismatch it looks for.
+    Only on a disagreement are the full lists gathered, to name the first difference.
+    """
+    if dist.get_world_size(group) == 1:
+        if local_error is not None:
+            raise ValueError(f"{what}: {local_error}")
+        return
+    device = _exchange_device(group)
+    text = json.dumps({"entries": entries, "error": local_error})
+    digest = int.from_bytes(hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).digest(),
+                            "little", signed=True)
+    mine = torch.tensor([[len(entries), digest, local_error is not None]], device=device)
+    rows = comm.all_gather(mine, 0, group).tolist()
+    if all(row == rows[0] for row in rows) and local_error is None:
+        return
+    replicas = [json.loads(payload) for payload in _all_gather_bytes(text.encode(), group, device)]
+    ranks = dist.get_process_group_ranks(group)
+    errors = [f"rank {rank}: {r['error']}" for rank, r in zip(ranks, replicas) if r["error"]]
+    if errors:
+        raise ValueError(f"{what}: " + "; ".join(errors))
+    raise ValueError(f"{what}: data-parallel ranks disagree on "
+                     f"{_first_difference([r['entries'] for r in replicas], ranks)}; {fix}")
+
+
+def _first_difference(replicas: list[list[list[str]]], ranks: list[int]) -> str:
+    """``parameter 'w': rank 0 has (8, 4) float32, rank 1 has (8, 6) float32``."""
+    described = [dict(entries) for entries in replicas]
+    keys = list(dict.fromkeys(key for entries in replicas for key, _ in entries))
+    for key in keys:
+        values = [d.get(key, "nothing") for d in described]
+        if len(set(values)) > 1:
+            return f"{key}: {_who_has(values, ranks)}"
+    for position in range(max(len(entries) for entries in replicas)):
+        values = [entries[position][0] if position < len(entries) else "nothing"
+                  for entries in replicas]
+        if len(set(values)) > 1:
+            return f"the order, at position {position}: {_who_has(values, ranks)}"
+    return "nothing they could name (a digest collision)"
+
+
+def _who_has(values: list[str], ranks: list[int]) -> str:
+    by_value: dict[str, list[int]] = {}
+    for rank, value in zip(ranks, values):
+        by_value.setdefault(value, []).append(rank)
+    return ", ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} "
+                     f"{'have' if len(rs) > 1 else 'has'} {value}"
+                     for value, rs in by_value.items())
+
+
+def _all_gather_bytes(payload: bytes, group: dist.ProcessGroup,
+                      device: torch.device) -> list[bytes]:
+    """Every member's ``payload``, in group-rank order (lengths first, then padded bytes)."""
+    size = torch.tensor([len(payload)], device=device)
+    sizes = comm.all_gather(size, 0, group).tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    gathered = comm.all_gather(padded[None], 0, group).cpu()
+    return [bytes(row[:n].tolist()) for row, n in zip(gathered, sizes)]
+
+
+def _exchange_device(group: dist.ProcessGroup) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def unsyncable_parameter(module: nn.Module, group: dist.ProcessGroup) -> str | None:
+    """Why this rank's ``module`` cannot be bucketed and synced over ``group``, or None (a
+    message for :func:`check_replicas_agree`, so that every rank raises it, not just this one)."""
+    nccl = dist.get_backend(group) == "nccl"
+    for name, param in module.named_parameters():
+        if param.device.type == "meta":
+            return (f"parameter {name!r} is on the meta device: materialise the model "
+                    "(module.to_empty(device=...) and initialise it) before wrapping it")
+        if nccl and param.device.type != "cuda":
+            return (f"parameter {name!r} is on {param.device}, but the group's backend is NCCL, "
+                    "which needs CUDA tensors: move the model to its GPU before wrapping it")
+        if param.requires_grad and param.dtype not in BUCKET_DTYPES:
+            return (f"trainable parameter {name!r} has dtype {param.dtype}, which a gradient "
+                    f"bucket cannot reduce ({', '.join(map(str, BUCKET_DTYPES))}): convert it "
+                    "or freeze it (requires_grad=False)")
+    for name, child in module.named_modules():
+        if getattr(child, "sparse", False) is True and any(
+                p.requires_grad for p in child.parameters(recurse=False)):
+            return (f"module {name!r} makes sparse gradients (sparse=True), which a gradient "
+                    "bucket cannot hold: build it with sparse=False")
+    return None
+
+
+@torch.no_grad()
+def broadcast_from_first_rank_(tensors: list[torch.Tensor], group: dist.ProcessGroup,
+                               chunk_bytes: int) -> None:
+    """Overwrite ``tensors`` on every rank with the group's first rank's values: one broadcast
+    per flat chunk of about ``chunk_bytes`` of one dtype and device."""
+    source = dist.get_global_rank(group, 0)
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_kind.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for same in by_kind.values():
+        start, size = 0, 0
+        for end, tensor in enumerate(same, 1):
+            size += tensor.numel() * tensor.element_size()
+            if size >= chunk_bytes or end == len(same):
+                chunk = same[start:end]
+                flat = torch._utils._flatten_dense_tensors([t.detach() for t in chunk])
+                comm.record_traffic("broadcast", flat.numel() * flat.element_size(), group)
+                # Sizes already proven equal by check_replicas_agree; comm.py has no broadcast.
+                dist.broadcast(flat, source, group=group)
+                for t, value in zip(chunk, torch._utils._unflatten_dense_tensors(flat, chunk)):
+                    t.copy_(value)
+                start, size = end, 0

@@ -17,6 +17,19 @@ collectives in the same order even when a gradient arrives on some ranks and not
 ``finish_grad_sync`` starts whatever did not start (buckets holding unused parameters, or all of
 them with ``overlap_grad_reduce=False``) and waits for everything.
 
+Unused parameters, as torch DDP with ``find_unused_parameters=True`` (or ``static_graph``) treats
+them: a parameter that got no gradient on this rank contributes zeros, so one used on some ranks
+gets the average over all of them; one that got no gradient on any rank is left with
+``.grad = None`` (an optimizer then skips it: no weight decay, no moment update). Knowing "on any
+rank" costs one tiny all-reduce (MAX) of a per-parameter used-mask per step, in
+``finish_grad_sync``.
+
+Wrapping checks that every rank of the group holds the same model (names, shapes, dtypes, order)
+with one all-gather of a fixed-size digest, and raises a ValueError naming the first difference on
+every rank, where a mismatch would otherwise abort the process at the first bucket's collective.
+Then, as torch DDP does, every parameter is broadcast from the group's first rank (``init_sync``),
+so replicas start identical even if they were initialised with different seeds.
+
 Averaging group: DP x CP when the MPU has cp > 1 (CP ranks see other tokens of the same samples,
 so their gradients are partial too), DP otherwise. Gradients are scaled by 1/size before the sum:
 gloo has no AVG, and a pre-scaled fp16/bf16 sum stays in range.
@@ -38,10 +51,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallelkit.data_parallel.buckets import DEFAULT_BUCKET_BYTES, Bucket, plan_buckets
+from parallelkit.data_parallel.buckets import (DEFAULT_BUCKET_BYTES, Bucket,
+                                               broadcast_from_first_rank_, check_replicas_agree,
+                                               describe_tensor, plan_buckets, unsyncable_parameter)
 from parallelkit.distributed import comm, mpu
 from parallelkit.tensor_parallel.sequence_parallel import is_sequence_parallel
-from parallelkit.tensor_parallel.sharding import resolve_tp_group
+from parallelkit.distributed.groups import resolve_group
 
 
 def default_dp_group() -> dist.ProcessGroup:
@@ -64,17 +79,27 @@ class DistributedDataParallel(nn.Module):
         tp_group: where sequence-parallel gradients are summed; default the MPU's TP group
             (looked up only if some parameter is marked ``sequence_parallel``).
         sync_sequence_parallel: False if the caller already reduces those gradients over TP.
+        init_sync: broadcast every parameter from the group's first rank at wrap time (torch
+            DDP's default and name), so that the replicas start identical. Buffers are left
+            alone: with CP they may rightly differ between the group's ranks.
+    Raises ValueError, on every rank of the group, if the ranks' models differ (parameter
+    names, shapes, dtypes, order), or a parameter is where a bucket cannot sync it.
     """
 
     def __init__(self, module: nn.Module, dp_group: dist.ProcessGroup | None = None, *,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_grad_reduce: bool = True,
                  use_distributed_optimizer: bool = False,
-                 tp_group: dist.ProcessGroup | None = None, sync_sequence_parallel: bool = True):
+                 tp_group: dist.ProcessGroup | None = None, sync_sequence_parallel: bool = True,
+                 init_sync: bool = True):
         super().__init__()
         plans = plan_buckets([p for p in module.parameters() if p.requires_grad], bucket_bytes)
         self.module = module
         self.dp_group = dp_group if dp_group is not None else default_dp_group()
         self.dp_size = dist.get_world_size(self.dp_group)
+        self._check_replicas_agree(f"bucket_bytes={bucket_bytes}, "
+                                   f"use_distributed_optimizer={use_distributed_optimizer}")
+        if init_sync and self.dp_size > 1:
+            broadcast_from_first_rank_(list(module.parameters()), self.dp_group, bucket_bytes)
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         shards = self.dp_size if use_distributed_optimizer else 1
@@ -86,8 +111,9 @@ class DistributedDataParallel(nn.Module):
         self._sp_params = [[p for p in b.params if is_sequence_parallel(p)] for b in self.buckets]
         self.tp_group = None
         if sync_sequence_parallel and any(self._sp_params):
-            self.tp_group = resolve_tp_group(tp_group)
+            self.tp_group = resolve_group(tp_group, "tp")
         self._sync_enabled = True
+        self._pending = False  # a forward or a gradient since the last sync: finish must sync
         self._arrived: set[int] = set()  # parameters that got a gradient since the last sync
         self._next_bucket = 0  # buckets below this index have started their collective
         self.unused_parameters: list[str] = []  # no gradient in the last synchronised round
@@ -95,7 +121,22 @@ class DistributedDataParallel(nn.Module):
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
                        for b in self.buckets for p in b.params]
 
+    def _check_replicas_agree(self, options: str) -> None:
+        """Every rank of the group must build the same buckets (else the first collective aborts
+        the process): same options, same parameters in the same order."""
+        entries = [("the wrapper's options", options)] + [
+            (f"parameter {name!r}", describe_tensor(p) + ("" if p.requires_grad else " frozen"))
+            for name, p in self.module.named_parameters()]
+        check_replicas_agree("DistributedDataParallel", entries, self.dp_group,
+                             local_error=unsyncable_parameter(self.module, self.dp_group),
+                             fix="every DP replica must hold the same model: build it "
+                                 "identically on every rank (same config, same parallel sizes) "
+                                 "before wrapping it")
+
     def forward(self, *args, **kwargs):
+        # Every rank runs forward, so this (unlike a gradient, which some rank may not get at
+        # all) tells each of them alike that finish_grad_sync() has collectives to join.
+        self._pending = self._pending or torch.is_grad_enabled()
         return self.module(*args, **kwargs)
 
     def bucketed_parameters(self) -> Iterator[nn.Parameter]:
@@ -118,24 +159,42 @@ class DistributedDataParallel(nn.Module):
 
         Afterwards every ``param.grad`` is the average over the DP group (with the distributed
         optimizer: each bucket's ``grad_shard`` is this rank's averaged shard, and ``param.grad``
-        only this rank's own gradient / size). A no-op when no gradient arrived since the last
-        call.
+        only this rank's own gradient / size), except that a parameter no rank computed a
+        gradient for has ``.grad = None``. A no-op when neither a forward through this wrapper
+        nor a gradient happened since the last call.
         """
         if not self._sync_enabled:
             raise RuntimeError("finish_grad_sync() was called inside no_sync(): call it after "
                                "the last micro-batch's backward, outside the no_sync() block")
-        if not self._arrived and self._next_bucket == 0:
+        if not (self._pending or self._arrived or self._next_bucket):
             return
         self._start_in_order(complete_only=False)  # buckets with unused parameters, or no overlap
+        used_anywhere = self._used_on_any_rank()
         for bucket in self.buckets:
             bucket.handle.wait()
             bucket.handle = None
             bucket.ready.clear()
+        for param, used in zip(self.bucketed_parameters(), used_anywhere):
+            if id(param) not in self._arrived:  # torch DDP's rule for a locally unused one:
+                # the average if some rank used it (.grad may be None after set_to_none), else
+                # no gradient (zero_grad_buffer() restores the view)
+                param.grad = self._bucket_of[id(param)].grad_view(param) if used else None
         self.unused_parameters = [self._name(p) for p in self.bucketed_parameters()
                                   if id(p) not in self._arrived]
         self._arrived.clear()
+        self._pending = False
         self._next_bucket = 0
         self.sync_round += 1
+
+    def _used_on_any_rank(self) -> list[bool]:
+        """Per parameter (bucket order), whether some rank of the group computed a gradient."""
+        local = [id(p) in self._arrived for p in self.bucketed_parameters()]
+        if self.dp_size == 1 or not local:
+            return local
+        mask = torch.tensor(local, dtype=torch.uint8).to(self.buckets[0].grad_data.device)
+        everywhere = comm.all_reduce(mask, self.dp_group, op="max")
+        # Used here is used somewhere: such a rank joins the collective but need not wait on it.
+        return local if all(local) else [bool(v) for v in everywhere.tolist()]
 
     def check_grads_synced(self) -> None:
         """Raise unless every gradient that arrived has been synchronised (before a step)."""
@@ -171,6 +230,7 @@ class DistributedDataParallel(nn.Module):
 
     def _on_grad_accumulated(self, param: nn.Parameter) -> None:
         bucket = self._bucket_of[id(param)]
+        self._check_still_bucketable(param, bucket)
         if bucket.handle is not None:
             raise RuntimeError(f"a gradient of {self._name(param)} arrived while its bucket's "
                                "collective is in flight: call finish_grad_sync() after the last "
@@ -182,6 +242,7 @@ class DistributedDataParallel(nn.Module):
             view.copy_(param.grad)
             param.grad = view
         self._arrived.add(id(param))
+        self._pending = True
         if not self._sync_enabled:
             return
         if id(param) in bucket.ready:
@@ -202,8 +263,25 @@ class DistributedDataParallel(nn.Module):
             self._start(bucket)
             self._next_bucket += 1
 
+    def _check_still_bucketable(self, param: nn.Parameter, bucket: Bucket) -> None:
+        flat = bucket.grad_data
+        if param.grad.is_sparse:
+            raise RuntimeError(f"{self._name(param)} got a sparse gradient, which a gradient "
+                               "bucket cannot hold: build its module with sparse=False")
+        if param.dtype != flat.dtype or param.device != flat.device:
+            raise RuntimeError(f"{self._name(param)} is {param.dtype} on {param.device}, but its "
+                               f"gradient bucket holds {flat.dtype} on {flat.device}: the model "
+                               "was converted or moved after wrapping; call model.to(...) "
+                               "before DistributedDataParallel(model), not after")
+
     def _start(self, bucket: Bucket) -> None:
         """Sum the bucket's sequence-parallel gradients over TP, then start its DP collective."""
+        if len(bucket.ready) < len(bucket.params):
+            # A parameter without a gradient on this rank contributes zero (torch DDP's rule),
+            # not what an optimizer's zero_grad(set_to_none=True) left in its slot.
+            for param in bucket.params:
+                if id(param) not in self._arrived:
+                    bucket.grad_view(param).zero_()
         sp_params = self._sp_params[bucket.index]
         if sp_params and self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             views = [bucket.grad_view(p) for p in sp_params]

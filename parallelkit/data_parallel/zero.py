@@ -19,6 +19,10 @@ all-gathers that buffer in place: ``param.data`` are views into it, so no copy f
 Master precision: a bf16/fp16 model gets fp32 masters by default (the bf16 weights are then only
 the rounding of the fp32 masters the optimizer keeps); fp32/fp64 models keep their dtype, and the
 masters' gradients are then views of the reduce-scatter output itself.
+
+A parameter that no rank computed a gradient for (``param.grad is None`` after
+``finish_grad_sync``) has its masters' ``.grad`` set to None for that step, so the inner optimizer
+skips it as torch's does in one process: no weight decay, no moment update.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelkit.data_parallel import clip
-from parallelkit.data_parallel.buckets import Bucket
+from parallelkit.data_parallel.buckets import Bucket, check_replicas_agree
 from parallelkit.data_parallel.ddp import DistributedDataParallel
 from parallelkit.distributed import comm, mpu
 
@@ -45,6 +49,7 @@ class Shard:
     master: torch.Tensor       # [numel/p] master weights of the range
     master_grad: torch.Tensor  # [numel/p] their gradient (the bucket's grad_shard when same dtype)
     pieces: list[tuple[nn.Parameter, torch.Tensor]]  # (model parameter, its master view)
+    piece_grads: list[torch.Tensor]  # per piece, its view of master_grad
 
 
 class DistributedOptimizer:
@@ -52,7 +57,8 @@ class DistributedOptimizer:
 
     Args:
         model: a :class:`DistributedDataParallel` built with ``use_distributed_optimizer=True``.
-        optimizer_cls: the optimizer to wrap (default ``torch.optim.AdamW``).
+        optimizer_cls: the optimizer to wrap (default ``torch.optim.AdamW``); every DP rank must
+            pass the same class, groups and options (checked: each rank updates its own shard).
         param_groups: like a torch optimizer's: dicts with ``"params"`` (model parameters) and
             per-group options. Default: one group with every synchronised parameter.
         master_dtype: the masters' dtype; default float32 for 16-bit models, else the model's.
@@ -73,6 +79,8 @@ class DistributedOptimizer:
         if param_groups is None:
             param_groups = [{"params": list(model.bucketed_parameters())}]
         group_of = self._group_index(model, param_groups)
+        self._check_ranks_agree(model, optimizer_cls, param_groups, group_of, master_dtype,
+                                optimizer_kwargs)
         inner_groups = [{**group, "params": []} for group in param_groups]
         self.shards: list[Shard] = []
         for bucket in model.buckets:
@@ -91,13 +99,29 @@ class DistributedOptimizer:
         master = bucket.param_data[start:start + bucket.shard_numel].to(dtype, copy=True)
         master_grad = (bucket.grad_shard if dtype == bucket.grad_shard.dtype
                        else torch.zeros_like(master))
-        pieces = []
+        pieces, piece_grads = [], []
         for param, lo, hi in bucket.shard_pieces(self.dp_rank):
             # A view of a tensor that does not require grad is a leaf: torch optimizers take it.
             piece = master[lo - start:hi - start]
             piece.grad = master_grad[lo - start:hi - start]
             pieces.append((param, piece))
-        return Shard(bucket, start, master, master_grad, pieces)
+            piece_grads.append(piece.grad)
+        return Shard(bucket, start, master, master_grad, pieces, piece_grads)
+
+    @staticmethod
+    def _check_ranks_agree(model, optimizer_cls, param_groups, group_of, master_dtype,
+                           optimizer_kwargs) -> None:
+        """Each rank updates only its shard, so ranks given other options silently drift apart."""
+        entries = [("the optimizer", f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}, "
+                                     f"master_dtype={master_dtype}, {_describe(optimizer_kwargs)}")]
+        entries += [(f"param_groups[{i}]'s options",
+                     _describe({k: v for k, v in group.items() if k != "params"}))
+                    for i, group in enumerate(param_groups)]
+        entries += [(f"the param group of {model._name(p)!r}", str(group_of[id(p)]))
+                    for p in model.bucketed_parameters()]
+        check_replicas_agree("DistributedOptimizer", entries, model.dp_group,
+                             fix="every DP rank must build the optimizer with the same class, "
+                                 "param groups and options")
 
     @staticmethod
     def _group_index(model: DistributedDataParallel, param_groups) -> dict[int, int]:
@@ -117,16 +141,20 @@ class DistributedOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
-    def _master_grads(self) -> list[torch.Tensor]:
-        """The masters' gradients, copied (cast) from the reduce-scatter output once per round, so
-        that a clip before ``step`` is not overwritten by it."""
+    def _master_grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(model parameter, master gradient)`` of every piece that has one. The gradients are
+        copied (cast) from the reduce-scatter output once per round, so that a clip before
+        ``step`` is not overwritten by it."""
         self.model.check_grads_synced()
         if self._copied_round != self.model.sync_round:
             for shard in self.shards:
                 if shard.master_grad is not shard.bucket.grad_shard:
                     shard.master_grad.copy_(shard.bucket.grad_shard)
+                for (param, master), grad in zip(shard.pieces, shard.piece_grads):
+                    master.grad = None if param.grad is None else grad
             self._copied_round = self.model.sync_round
-        return [master.grad for shard in self.shards for _, master in shard.pieces]
+        return [(param, master.grad) for shard in self.shards for param, master in shard.pieces
+                if master.grad is not None]
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0, *,
                        tp_group: dist.ProcessGroup | None = None,
@@ -136,8 +164,8 @@ class DistributedOptimizer:
         The shards are disjoint, so their norm² is summed over the DP group as well as over
         the model-parallel group (MPU "mp" by default; TP-replicated parameters count once).
         """
-        pieces = [(param, master) for shard in self.shards for param, master in shard.pieces]
-        grads = self._master_grads()
+        pieces = self._master_grads()
+        grads = [grad for _, grad in pieces]
         mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
         total = clip.global_grad_norm(grads, [clip.is_tp_replicated(p) for p, _ in pieces],
                                       norm_type, tp_group=tp_group,
@@ -166,3 +194,16 @@ class DistributedOptimizer:
         """Bytes of the inner optimizer's state tensors on this rank (Adam: two moments)."""
         return sum(value.numel() * value.element_size() for state in self.optimizer.state.values()
                    for value in state.values() if torch.is_tensor(value))
+
+
+def _describe(options: dict[str, Any]) -> str:
+    """Options as text that is equal on ranks given equal options (no object addresses)."""
+    def text(value):
+        if isinstance(value, (tuple, list)):
+            return "(" + ", ".join(map(text, value)) + ")"
+        if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+            return repr(value)
+        if torch.is_tensor(value) and value.numel() == 1:
+            return f"tensor({value.item()!r})"
+        return type(value).__qualname__
+    return "{" + ", ".join(f"{k}={text(v)}" for k, v in sorted(options.items())) + "}"

@@ -12,13 +12,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from parallelkit.distributed.groups import resolve_group
-
-
-def resolve_tp_group(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """The group passed in, else the MPU's TP group (a clear error if the MPU is not set up)."""
-    return resolve_group(tp_group, "tp")
-
 
 def check_positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
     """``value`` must be an int (not a bool or a float) >= ``minimum``: caught at construction,

@@ -158,8 +158,10 @@ def _unused_parameters():
     for r in range(2):  # the expected average, computed locally from both ranks' halves
         reference.loss(*halves[r], use_extra=r == 0).backward()
     for (name, param), ref in zip(model.module.named_parameters(), reference.parameters()):
-        expected = ref.grad / 2 if ref.grad is not None else torch.zeros_like(ref)
-        torch.testing.assert_close(param.grad, expected, **EXACT, msg=lambda m: f"{name}: {m}")
+        if ref.grad is None:  # no rank used it: like torch DDP, no gradient (not a zero one)
+            assert param.grad is None, name
+            continue
+        torch.testing.assert_close(param.grad, ref.grad / 2, **EXACT, msg=lambda m: f"{name}: {m}")
     return model.unused_parameters
 
 
@@ -167,6 +169,165 @@ def test_unused_parameters_still_sync_and_are_reported():
     unused = run_on_ranks(_unused_parameters, 2, timeout=60)
     assert sorted(unused[0]) == ["never.bias", "never.weight"]
     assert sorted(unused[1]) == ["extra.bias", "extra.weight", "never.bias", "never.weight"]
+
+
+class Partly(nn.Module):
+    """A body and a head, a branch that some ranks use on some steps, and a layer none uses."""
+
+    # Per step, whether (rank 0, rank 1) use the branch: one, both, neither, the other.
+    BRANCH = [(True, False), (True, True), (False, False), (False, True)]
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8, dtype=torch.float64)
+        self.branch = nn.Linear(8, 8, dtype=torch.float64)
+        self.never = nn.Linear(8, 8, dtype=torch.float64)
+        self.head = nn.Linear(8, 1, dtype=torch.float64)
+
+    def forward(self, x, use_branch):
+        h = torch.tanh(self.body(x))
+        return self.head(h + self.branch(h) if use_branch else h)
+
+    @staticmethod
+    def data(step, rank=None):
+        """The step's global batch ``(x [8, 6], y [8, 1])``, or DP rank ``rank``'s half of it."""
+        g = torch.Generator().manual_seed(step)
+        x, y = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (6, 1))
+        return (x, y) if rank is None else (x.chunk(2)[rank], y.chunk(2)[rank])
+
+    def loss(self, step, rank):
+        x, y = self.data(step, rank)
+        return F.mse_loss(self(x, self.BRANCH[step][rank]), y)
+
+
+def _unused_like_torch_ddp(reset):
+    """Ours and torch's DDP (find_unused_parameters) train Partly side by side."""
+    mpu.initialize()
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    reference = Partly()
+    model = DistributedDataParallel(copy.deepcopy(reference), bucket_bytes=256)
+    assert len(model.buckets) > 1
+    torch_ddp = TorchDDP(copy.deepcopy(reference), find_unused_parameters=True)
+    optimizers = [torch.optim.AdamW(m.parameters(), **ADAMW) for m in (model, torch_ddp)]
+    for step in range(len(Partly.BRANCH)):
+        x, y = Partly.data(step, rank)
+        for m in (model, torch_ddp):
+            F.mse_loss(m(x, Partly.BRANCH[step][rank]), y).backward()
+        model.finish_grad_sync()
+        for (name, ours), theirs in zip(model.module.named_parameters(), torch_ddp.parameters()):
+            where = f"step {step} {name}"
+            assert (ours.grad is None) == (theirs.grad is None), (where, ours.grad, theirs.grad)
+            if ours.grad is not None:
+                torch.testing.assert_close(ours.grad, theirs.grad, **EXACT, msg=where)
+        for optimizer in optimizers:
+            optimizer.step()
+        optimizers[1].zero_grad()
+        # set_to_none leaves stale gradients in the buckets: a rank without a gradient must
+        # still contribute zero to the average, as torch's does.
+        model.zero_grad_buffer() if reset == "zero_grad_buffer" else optimizers[0].zero_grad()
+        assert_same_parameters(model.module, torch_ddp.module, f"step {step}:")
+    never = reference.never.weight
+    torch.testing.assert_close(model.module.never.weight, never, rtol=0, atol=0)  # no decay
+
+
+@pytest.mark.parametrize("reset", ["zero_grad_buffer", "set_to_none"])
+def test_unused_parameters_match_torch_ddp_grad_none_and_adamw(reset):
+    run_on_ranks(_unused_like_torch_ddp, 2, reset, timeout=60)
+
+
+def _rank_without_gradients():
+    mpu.initialize()
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Partly())
+    x, y = Partly.data(0, rank)
+    out = model(x, use_branch=False)
+    if rank == 0:  # rank 1 ran forward but computes no gradient at all this step
+        F.mse_loss(out, y).backward()
+    model.finish_grad_sync()  # rank 1 must join the collectives rank 0 waits in
+    return [None if p.grad is None else p.grad.clone() for p in model.module.parameters()]
+
+
+def test_a_rank_without_any_gradient_still_joins_the_sync():
+    grads = run_on_ranks(_rank_without_gradients, 2, timeout=60)
+    for mine, theirs in zip(*grads):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert grads[0][0].abs().sum() > 0  # body.weight: rank 0's gradient / 2
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, sizes=(4, 8, 8), dtype=torch.float32, order="ab", device=None):
+        super().__init__()
+        layers = {"a": nn.Linear(sizes[0], sizes[1], dtype=dtype, device=device),
+                  "b": nn.Linear(sizes[1], sizes[2], dtype=dtype, device=device)}
+        for name in order:
+            self.add_module(name, layers[name])
+
+
+def _replicas_disagree():
+    mpu.initialize()
+    rank = dist.get_rank()
+    other = rank == 1
+    cases = {
+        "shape": lambda: TwoLayers(sizes=(6 if other else 4, 8, 8)),
+        "count": lambda: TwoLayers(order="ab" if other else "a"),
+        "dtype": lambda: TwoLayers(dtype=torch.float64 if other else torch.float32),
+        "order": lambda: TwoLayers(sizes=(8, 8, 8), order="ba" if other else "ab"),
+        "meta": lambda: TwoLayers(device="meta" if other else None),
+        "sparse": lambda: nn.Embedding(10, 4, sparse=True),
+    }
+    messages = {}
+    for case, build in cases.items():
+        with pytest.raises(ValueError) as error:  # on every rank, not only the odd one
+            DistributedDataParallel(build())
+        messages[case] = str(error.value)
+    with pytest.raises(ValueError) as error:
+        DistributedDataParallel(TwoLayers(), bucket_bytes=1024 if other else 2048)
+    messages["options"] = str(error.value)
+    with comm.count_traffic() as traffic:  # agreeing replicas: one small all-gather
+        DistributedDataParallel(TwoLayers(), init_sync=False)
+    assert traffic.calls == {"all_gather": 1} and traffic.payload["all_gather"] == 2 * 3 * 8
+    return messages
+
+
+def test_replicas_that_disagree_raise_on_every_rank_naming_the_difference():
+    messages = run_on_ranks(_replicas_disagree, 2, timeout=60)
+    assert messages[0] == messages[1]
+    got = messages[0]
+    fix = "every DP replica must hold the same model"
+    assert got["shape"] == ("DistributedDataParallel: data-parallel ranks disagree on parameter "
+                            "'a.weight': rank 0 has (8, 4) float32, rank 1 has (8, 6) float32; "
+                            f"{fix}: build it identically on every rank (same config, same "
+                            "parallel sizes) before wrapping it")
+    assert "parameter 'b.weight': rank 0 has nothing, rank 1 has (8, 8) float32" in got["count"]
+    assert "'a.weight': rank 0 has (8, 4) float32, rank 1 has (8, 4) float64" in got["dtype"]
+    assert "the order, at position 1: rank 0 has parameter 'a.weight', rank 1 has " \
+           "parameter 'b.weight'" in got["order"]
+    assert "bucket_bytes=2048" in got["options"] and "bucket_bytes=1024" in got["options"]
+    assert got["meta"].startswith("DistributedDataParallel: rank 1: parameter 'a.weight' is on "
+                                  "the meta device: materialise the model")
+    assert "rank 0: module '' makes sparse gradients" in got["sparse"]
+    assert "rank 1: module '' makes sparse gradients" in got["sparse"]
+
+
+def _init_sync(init_sync, zero):
+    mpu.initialize()
+    torch.manual_seed(dist.get_rank())  # every rank initialises its replica differently
+    model = DistributedDataParallel(TwoLayers(), bucket_bytes=64, init_sync=init_sync,
+                                    use_distributed_optimizer=zero)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("init_sync, zero", [(True, False), (True, True), (False, False)])
+def test_parameters_are_broadcast_from_the_first_rank_at_wrap_time(init_sync, zero):
+    flat = run_on_ranks(_init_sync, 4, init_sync, zero, timeout=60)
+    torch.manual_seed(0)
+    first = torch.cat([p.detach().flatten() for p in TwoLayers().parameters()])
+    assert torch.equal(flat[0], first)
+    assert all(torch.equal(f, first) == init_sync for f in flat[1:])
 
 
 def test_buckets_are_planned_last_parameter_first():
@@ -214,6 +375,11 @@ def _misuse_is_reported():
     with pytest.raises(RuntimeError, match="second gradient"):
         lm_loss(model, ids, targets).backward()
     model.finish_grad_sync()
+
+    model = fresh()
+    model.module.float()  # converted after wrapping: its gradients no longer fit the buckets
+    with pytest.raises(RuntimeError, match=r"converted or moved after wrapping; call model.to"):
+        lm_loss(model, ids, targets).backward()
 
     with pytest.raises(ValueError, match="use_distributed_optimizer=True"):
         DistributedOptimizer(fresh())

@@ -16,7 +16,8 @@ from parallelkit.distributed import comm
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tiny_models import TinyConfig, TinyLM
 from test_data_parallel import (ADAMW, EXACT, SMALL_BUCKETS,  # the sibling test module
-                                assert_same_parameters, global_batch, local_slice, lm_loss)
+                                Partly, TwoLayers, assert_same_parameters, global_batch,
+                                local_slice, lm_loss)
 
 
 def adam_state_bytes(optimizer):
@@ -103,6 +104,53 @@ def _bf16_with_fp32_masters(steps=2):
 def test_bf16_model_with_fp32_master_weights():
     flat = run_on_ranks(_bf16_with_fp32_masters, 2, timeout=60)
     assert torch.equal(flat[0], flat[1])  # the all-gather left every rank the same model
+
+
+def _zero_skips_parameters_without_gradient():
+    mpu.initialize()
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    reference = Partly()
+    never = reference.never.weight.detach().clone()
+    model = DistributedDataParallel(copy.deepcopy(reference), bucket_bytes=256,
+                                    use_distributed_optimizer=True)
+    optimizer = DistributedOptimizer(model, torch.optim.AdamW, **ADAMW)
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), **ADAMW)
+    for step in range(len(Partly.BRANCH)):  # the branch: used by one rank, both, none, the other
+        model.module.loss(step, rank).backward()
+        model.finish_grad_sync()
+        # One process on the averaged loss: what no rank used has no gradient, so AdamW skips it.
+        (sum(reference.loss(step, r) for r in range(2)) / 2).backward()
+        expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        torch.testing.assert_close(optimizer.clip_grad_norm(0.05), expected, **EXACT)
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+        assert_same_parameters(model.module, reference, f"step {step}:")
+    assert torch.equal(model.module.never.weight, never)  # no weight decay without a gradient
+
+
+def test_zero1_leaves_parameters_without_gradient_alone_like_torch_adamw():
+    run_on_ranks(_zero_skips_parameters_without_gradient, 2, timeout=60)
+
+
+def _optimizer_options_disagree():
+    mpu.initialize()
+    model = DistributedDataParallel(TwoLayers(), use_distributed_optimizer=True)
+    with pytest.raises(ValueError) as error:
+        DistributedOptimizer(model, lr=1e-3 * (1 + dist.get_rank()), weight_decay=0.1)
+    return str(error.value)
+
+
+def test_zero1_options_that_differ_between_ranks_raise_on_every_rank():
+    messages = run_on_ranks(_optimizer_options_disagree, 2, timeout=60)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("DistributedOptimizer: data-parallel ranks disagree on the "
+                                  "optimizer: rank 0 has torch.optim.adamw.AdamW")
+    assert "lr=0.001" in messages[0] and "lr=0.002" in messages[0]
+    assert messages[0].endswith("every DP rank must build the optimizer with the same class, "
+                                "param groups and options")
 
 
 def _stage_modules(model, pp_rank):

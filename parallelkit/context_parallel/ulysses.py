@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallelkit.distributed.context_layout import check_sequence_length, chunk_ids, parts
-from parallelkit.distributed import mappings
+from parallelkit.distributed import comm, mappings
+from parallelkit.ops.ring_attention import check_context_parallel_inputs
 
 
 def _natural_order(layout: str, cp: int) -> list[int]:
@@ -35,13 +36,19 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     d]`` in ``layout`` order → ``[b, heads, s/cp, d]``. Needs heads divisible by cp; K/V heads
     that do not divide by cp are repeated up to ``heads`` first."""
     cp = dist.get_world_size(cp_group)
-    check_sequence_length(q.shape[2] * cp, layout, cp)
     heads, kv_heads = q.shape[1], k.shape[1]
-    if heads % cp:
-        raise ValueError(f"Ulysses attention splits the {heads} heads across cp={cp} ranks: "
-                         f"heads must be divisible by cp; use ring attention instead")
-    if heads % kv_heads:
-        raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
+
+    def local_checks():
+        check_sequence_length(q.shape[2] * cp, layout, cp)
+        if heads % cp:
+            raise ValueError(f"Ulysses attention splits the {heads} heads across cp={cp} ranks: "
+                             f"heads must be divisible by cp; use ring attention instead")
+        if heads % kv_heads:
+            raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
+
+    # Unequal shapes would abort the all-to-alls: every rank checks, and raises, together.
+    check_context_parallel_inputs("ulysses_attention", cp_group, q, k, v, causal, layout, scale,
+                                  local_checks)
     if kv_heads % cp:
         k, v = (t.repeat_interleave(heads // kv_heads, 1) for t in (k, v))
     order = _natural_order(layout, cp)
@@ -50,7 +57,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     def to_heads(t):  # [b, h, s/cp, d] -> [b, h/cp, s, d] in sequence order
         return _reorder(mappings.all_to_all(t, 1, 2, cp_group), order, 2)
 
-    q_h, k_h, v_h = to_heads(q), to_heads(k), to_heads(v)
-    out = F.scaled_dot_product_attention(q_h, k_h, v_h, is_causal=causal, scale=scale,
-                                         enable_gqa=k_h.shape[1] != q_h.shape[1])
-    return mappings.all_to_all(_reorder(out, inverse, 2), 2, 1, cp_group)
+    with comm.entry_checked():
+        q_h, k_h, v_h = to_heads(q), to_heads(k), to_heads(v)
+        out = F.scaled_dot_product_attention(q_h, k_h, v_h, is_causal=causal, scale=scale,
+                                             enable_gqa=k_h.shape[1] != q_h.shape[1])
+        return mappings.all_to_all(_reorder(out, inverse, 2), 2, 1, cp_group)

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from parallelkit.distributed import comm
 from parallelkit.distributed.rank_groups import (DEFAULT_ORDER, GROUP_KINDS, Layout,
                                                  rank_groups)
 
@@ -80,7 +81,9 @@ _current: ParallelState | None = None
 def initialize(tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
                order: str = DEFAULT_ORDER, virtual_pp: int | None = None,
                backend: str | None = None, timeout: timedelta | None = None) -> ParallelState:
-    """Create every group of every kind (a collective: all ranks must call it with equal sizes).
+    """Create every group of every kind (a collective: all ranks must call it with equal sizes;
+    where ``comm.validation_enabled`` (by default on gloo) unequal arguments raise on every rank,
+    naming each rank's, instead of hanging).
 
     Args:
         tp, pp, cp: tensor, pipeline and context parallel sizes.
@@ -90,18 +93,33 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
         backend, timeout: passed to ``torch.distributed.new_group``; default: the world's.
     """
     global _current
-    if _current is not None:
-        raise ValueError(f"parallelkit.mpu is already initialized ({_sizes_text(_current.layout)});"
-                         " call parallelkit.mpu.destroy() before initializing again")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("torch.distributed is not initialized: call "
                          "torch.distributed.init_process_group() first (torchrun sets it up)")
-    if virtual_pp is not None and (isinstance(virtual_pp, bool) or not isinstance(virtual_pp, int)
-                                   or virtual_pp < 1 or (virtual_pp > 1 and pp == 1)):
-        raise ValueError(f"virtual_pp={virtual_pp!r} must be None or an integer >= 1, and > 1 only "
-                         f"with pp > 1 (got pp={pp})")
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    layout = Layout.create(world_size, tp=tp, pp=pp, cp=cp, dp=dp, order=order)
+
+    def local_checks():
+        if _current is not None:
+            raise ValueError(f"parallelkit.mpu is already initialized "
+                             f"({_sizes_text(_current.layout)}); call parallelkit.mpu.destroy() "
+                             "before initializing again")
+        if virtual_pp is not None and (isinstance(virtual_pp, bool)
+                                       or not isinstance(virtual_pp, int) or virtual_pp < 1
+                                       or (virtual_pp > 1 and pp == 1)):
+            raise ValueError(f"virtual_pp={virtual_pp!r} must be None or an integer >= 1, and > 1 "
+                             f"only with pp > 1 (got pp={pp})")
+        return Layout.create(world_size, tp=tp, pp=pp, cp=cp, dp=dp, order=order)
+
+    # Ranks that asked for different layouts would each wait in a different new_group forever:
+    # compare the arguments over the world first (one tiny all-gather; see comm.validation).
+    comm.check_ranks_agree(
+        dist.group.WORLD, "parallelkit.mpu.initialize", ranks="", check=local_checks,
+        tp_size=tp, pp_size=pp, cp_size=cp, dp_size=_inferred_dp(world_size, tp, pp, cp, dp),
+        order=order, virtual_pp=virtual_pp, world_size=world_size, backend=backend,
+        timeout=None if timeout is None else timeout.total_seconds(),
+        fix="every rank must call mpu.initialize with the same sizes, order, virtual_pp, backend "
+            "and timeout")
+    layout = local_checks()
     all_groups = rank_groups(world_size, tp=tp, pp=pp, cp=cp, dp=dp, order=order)
 
     mine: dict[str, GroupInfo | None] = {"embedding": None}
@@ -113,6 +131,13 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
                 mine[kind] = GroupInfo(kind, group, key, key.index(rank))
     _current = ParallelState(layout=layout, global_rank=rank, virtual_pp=virtual_pp, **mine)
     return _current
+
+
+def _inferred_dp(world_size: int, tp, pp, cp, dp):
+    """dp as the layout will resolve it, so that dp=None and an explicit equal dp agree."""
+    if dp is not None or not all(isinstance(v, int) and v > 0 for v in (tp, pp, cp)):
+        return dp
+    return world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else None
 
 
 # Communicators by (world, ranks, backend, timeout), kept across destroy()/initialize(): making

@@ -1,8 +1,9 @@
 """Softmax cross-entropy of logits whose vocabulary is split across tensor-parallel ranks.
 
 A column-parallel LM head leaves TP rank r the logits of vocabulary columns
-``[r·V_local, (r+1)·V_local)``. Gathering them would cost every rank the full ``[T, V]``; instead
-each rank reduces its slice to a few numbers per token and only those travel:
+``[r·V_local, (r+1)·V_local)`` (slices may also be uneven: rank r holds the ``V_r`` columns after
+the earlier ranks' ``V_0 + ... + V_{r-1}``). Gathering them would cost every rank the full
+``[T, V]``; instead each rank reduces its slice to a few numbers per token and only those travel:
 
     forward   local stats: m_r = max x, Σ exp(x - m_r), x_target, Σ (x - m_r)   (one read)
               all-reduce max → M; one all-reduce sum of the terms moved to the global max:
@@ -16,12 +17,15 @@ run as Triton kernels (``parallelkit.kernels.cross_entropy``) when
 ``parallelkit.ops._backend.use_triton`` says so and the logits are float32/bfloat16/float16, and
 as the same math in torch otherwise (CPU, float64).
 
-Every TP rank must pass logits of the same V_local and the same targets; that is not checked,
-since checking would cost a collective (layers built with a vocabulary divisible by tp, as
-``ColumnParallelLinear`` and ``VocabParallelEmbedding`` require, guarantee it).
+Each call first learns every rank's slice size (one tiny all-gather, and a host sync on the GPU,
+unless the caller passes ``vocab_sizes``), and, where ``comm.validation_enabled``, checks that the
+TP ranks agree on the token shape, dtype and options (unequal token counts would abort the
+all-reduces). The targets must be the same on every TP rank; their values are not compared.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,15 +42,16 @@ TORCH_CHUNK_ELEMENTS = 2**24  # logits per step of the torch path: 64 MB of floa
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  tp_group: dist.ProcessGroup | None = None, *,
                                  label_smoothing: float = 0.0, ignore_index: int = -100,
-                                 reduction: str = "mean",
-                                 inplace_backward: bool = False) -> torch.Tensor:
+                                 reduction: str = "mean", inplace_backward: bool = False,
+                                 vocab_sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Cross-entropy over the full vocabulary from this rank's slice of the logits.
 
     Args:
         logits: [..., V_local], e.g. [s, b, V/tp] from a column-parallel LM head (class dim last):
-            columns [r·V_local, (r+1)·V_local) of the vocabulary on TP rank r. Floating point.
-        targets: [...] integer global class ids in [0, V_local·tp), or ``ignore_index``; the same
-            on every TP rank.
+            TP rank r's slice of the vocabulary, the columns after the earlier ranks' slices
+            (all equal: [r·V_local, (r+1)·V_local)). Floating point; the same [...] on every rank.
+        targets: [...] integer global class ids in [0, V), or ``ignore_index``; the same on
+            every TP rank.
         tp_group: the ranks the vocabulary is split over; default ``mpu.get_tp_group()``. A group
             of one is the plain unsharded cross-entropy (no collectives).
         label_smoothing: ε in [0, 1), as in ``F.cross_entropy``.
@@ -56,34 +61,51 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
             second [..., V_local] tensor. Only when nothing else reads the logits after this
             loss (true of an LM head's output); their version counter is bumped, so autograd
             raises if something does.
+        vocab_sizes: every TP rank's V_local in rank order, if the caller knows them (a layer
+            does): saves the all-gather that otherwise learns them.
 
     Returns:
         loss: scalar, or [...] for 'none'; float32 (float64 for float64 logits), equal on every
         TP rank. Its gradient w.r.t. ``logits`` has the logits' dtype.
     """
-    _check_inputs(logits, targets, label_smoothing, reduction)
     group = tp_group if tp_group is not None else mpu.get_tp_group()
+
+    def local_checks():
+        _check_inputs(logits, targets, label_smoothing, reduction)
+        if vocab_sizes is not None:
+            _check_vocab_sizes(group, logits.shape[-1], vocab_sizes)
+
+    comm.check_ranks_agree(
+        group, "vocab_parallel_cross_entropy", ranks="tensor-parallel", check=local_checks,
+        token_shape=targets.shape, logits_dtype=logits.dtype, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, reduction=reduction, vocab_sizes=vocab_sizes,
+        fix="every TP rank must pass the logits of the same tokens (same sequence length and "
+            "batch) and the same targets and options")
     n_local = logits.shape[-1]
+    if vocab_sizes is None:  # the slices may be uneven: learn each rank's size
+        vocab_sizes = comm.all_gather_ints(group, n_local)
+    vocab_sizes = tuple(int(v) for v in vocab_sizes)
     flat_logits = logits.reshape(-1, n_local)
     if flat_logits.stride(-1) != 1:
         flat_logits = flat_logits.contiguous()
     flat_targets = targets.reshape(-1).long().contiguous()
     loss = VocabParallelCrossEntropyFunction.apply(
         flat_logits, flat_targets, group, float(label_smoothing), int(ignore_index), reduction,
-        bool(inplace_backward))
+        bool(inplace_backward), vocab_sizes)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Autograd of :func:`vocab_parallel_cross_entropy` on flattened inputs: logits [T, V_local]
-    (last dim contiguous), targets [T] int64. Returns the reduced loss, or [T] for 'none'."""
+    (last dim contiguous), targets [T] int64, ``vocab_sizes`` every rank's V_local. Returns the
+    reduced loss, or [T] for 'none'."""
 
     @staticmethod
     def forward(ctx, logits, targets, tp_group, label_smoothing, ignore_index, reduction,
-                inplace_backward):
-        tp, n_local = dist.get_world_size(tp_group), logits.shape[1]
-        vocab_size, vocab_start = tp * n_local, dist.get_rank(tp_group) * n_local
-        _check_targets(targets, vocab_size, ignore_index, n_local, tp)
+                inplace_backward, vocab_sizes):
+        n_local, rank = logits.shape[1], dist.get_rank(tp_group)
+        vocab_size, vocab_start = sum(vocab_sizes), sum(vocab_sizes[:rank])
+        _check_targets(targets, vocab_size, ignore_index, vocab_sizes)
         kernels = logits.dtype in _KERNEL_DTYPES and use_triton(logits)
         if kernels:
             from parallelkit.kernels.cross_entropy import cross_entropy_stats_forward as local_stats
@@ -91,14 +113,16 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             local_stats = _stats_torch
         stats = local_stats(logits, targets, vocab_start)  # [4, T]: m_r, Σexp, x_target, Σ(x-m_r)
 
-        row_max = comm.all_reduce(stats[0], tp_group, op="max")
+        with comm.entry_checked():  # [T] on every rank: the entry checked the token shape
+            row_max = comm.all_reduce(stats[0], tp_group, op="max")
         # Moved to the global max M, every rank's terms add up (a rank whose slice is all -inf
         # has m_r = -inf and adds 0 and -inf). Σ(x - M) is needed, and sent, only for smoothing.
         sums = stats[1:4 if label_smoothing else 3]
         sums[0] *= torch.exp(stats[0] - row_max)
         if label_smoothing:
             sums[2] += n_local * (stats[0] - row_max)
-        sums = comm.all_reduce(sums, tp_group)
+        with comm.entry_checked():
+            sums = comm.all_reduce(sums, tp_group)
         log_sum = torch.log(sums[0])
         # lse - x as (M - x) + log Σ: M - x is exact for logits far from 0 where lse - x is not;
         # likewise lse - Σx/V = log Σ - Σ(x - M)/V.
@@ -134,7 +158,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                           smoothing, ignore_index, inplace=inplace)
         if inplace:
             torch.autograd.graph.increment_version(logits)  # a kernel's writes do not count
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int) -> torch.Tensor:
@@ -224,12 +248,22 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     validate_options(label_smoothing, reduction)
 
 
-def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int, n_local: int,
-                   tp: int) -> None:
+def _check_vocab_sizes(group: dist.ProcessGroup, n_local: int, given: Sequence[int]) -> None:
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(given) != tp or given[rank] != n_local:
+        raise ValueError(f"vocab_sizes={list(given)} must list the {tp} TP ranks' slice sizes in "
+                         f"rank order, but this rank ({rank}) holds {n_local} columns")
+
+
+def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int,
+                   vocab_sizes: Sequence[int]) -> None:
     """Out-of-range ids would silently count as 'on another rank': refuse them. Raised before any
     collective, so every TP rank (holding the same targets) raises instead of hanging."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    message = (f"targets must be class ids in [0, {vocab_size}) (V_local {n_local} x tp {tp}) or "
+    tp = len(vocab_sizes)
+    slices = (f"V_local {vocab_sizes[0]} x tp {tp}" if len(set(vocab_sizes)) == 1 else
+              f"slices of {', '.join(map(str, vocab_sizes))} over tp {tp}")
+    message = (f"targets must be class ids in [0, {vocab_size}) ({slices}) or "
                f"ignore_index={ignore_index}")
     if targets.is_cuda:  # no host sync on the GPU: the check fails the stream instead
         torch._assert_async(~bad.any(), message)

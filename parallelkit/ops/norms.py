@@ -141,7 +141,8 @@ class ParallelNormFunction(torch.autograd.Function):
             s, y, mean, rstd = steps.fused_norm_forward(x, residual, weight, bias, eps, rms=rms)
         else:
             s, stats = steps.norm_stats_forward(x, residual, rms=rms)
-            mean, rstd = _global_statistics(stats, n_local, eps, rms, tp_group)
+            with comm.entry_checked():
+                mean, rstd = _global_statistics(stats, n_local, eps, rms, tp_group)
             y = steps.norm_apply_forward(s, weight, bias, mean, rstd, rms=rms)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.steps, ctx.rms, ctx.tp_group = steps, rms, tp_group
@@ -161,8 +162,9 @@ class ParallelNormFunction(torch.autograd.Function):
             dx, dw, db = steps.fused_norm_backward(s, dy, weight, mean, rstd, ds, rms=rms,
                                                    has_bias=has_bias)
         else:
-            sums = comm.all_reduce(steps.norm_sums_backward(s, dy, weight, mean, rstd, rms=rms),
-                                   tp_group)
+            with comm.entry_checked():  # dy is shaped like y, which the forward checked
+                sums = comm.all_reduce(steps.norm_sums_backward(s, dy, weight, mean, rstd,
+                                                                rms=rms), tp_group)
             dx, dw, db = steps.norm_dx_backward(s, dy, weight, mean, rstd, sums, s.shape[1] * tp,
                                                 ds, rms=rms, has_bias=has_bias)
         dw = None if dw is None else dw.to(weight.dtype)
@@ -201,9 +203,20 @@ def parallel_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float |
     return _parallel_norm("parallel_rms_norm", x, weight, None, eps, tp_group, residual, True)
 
 
+# The layers' names: what a user of ParallelRMSNorm reads when its ranks disagree.
+_LAYER_NAMES = {"parallel_layer_norm": "ParallelLayerNorm", "parallel_rms_norm": "ParallelRMSNorm"}
+
+
 def _parallel_norm(op, x, weight, bias, eps, tp_group, residual, rms):
-    _check_inputs(op, x, weight, bias, residual)
     tp_group = mpu.get_tp_group() if tp_group is None else tp_group
+    # Each row's statistics combine partials from every TP rank: the ranks must hold the same
+    # rows, so a shape or dtype one rank alone has is an error on all of them, before any
+    # collective (which would abort on unequal sizes).
+    comm.check_ranks_agree(tp_group, _LAYER_NAMES[op], ranks="tensor-parallel",
+                           check=lambda: _check_inputs(op, x, weight, bias, residual),
+                           input_shape=x.shape, dtype=x.dtype, eps=eps,
+                           fix="every TP rank must pass the same tokens (same sequence length "
+                               "and batch), its H/tp hidden slice, in one dtype")
     n_local = x.shape[-1]
     flat = x.reshape(-1, n_local).contiguous()
     flat_residual = None if residual is None else residual.reshape(-1, n_local).contiguous()

@@ -69,8 +69,13 @@ def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, group: dist.Process
     """``all_gather(x, dim 0) @ weight^T`` with the gather overlapped.
 
     x: ``[s/tp, b, k]`` (any leading dims; dim 0 is the sequence), weight: ``[n, k]``.
-    Returns ``[s, b, n]``. ``(s/tp) * b`` must divide by ``chunks_per_rank``.
+    Returns ``[s, b, n]``. ``(s/tp) * b`` must divide by ``chunks_per_rank``. Every rank's x
+    travels the ring: the ranks must agree on its shape and dtype, and on ``chunks_per_rank``.
     """
+    comm.check_ranks_agree(group, "all_gather_matmul", ranks="tensor-parallel",
+                           x_shape=x.shape, dtype=x.dtype, chunks_per_rank=chunks_per_rank,
+                           fix="every TP rank must pass its s/tp tokens of the same batch (equal "
+                               "x shapes) in one dtype, with the same chunks_per_rank")
     return AllGatherMatmulFunction.apply(x, weight, group, chunks_per_rank)
 
 
@@ -79,6 +84,13 @@ def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: dist.Pro
     """``reduce_scatter(x @ weight^T, dim 0)`` with the reduce-scatter overlapped.
 
     x: ``[s, b, k/tp]``, weight: ``[n, k/tp]``. Returns ``[s/tp, b, n]``, this rank's part of the
-    sequence. ``s * b`` must divide by ``tp * chunks_per_rank``.
+    sequence. ``s * b`` must divide by ``tp * chunks_per_rank``. Partial sums ``[rows, n]``
+    travel the ring: the ranks must agree on x's token dims, on n, the dtype and the chunks.
     """
+    comm.check_ranks_agree(group, "matmul_reduce_scatter", ranks="tensor-parallel",
+                           token_dims=x.shape[:-1], output_features=weight.shape[:1],
+                           dtype=x.dtype, chunks_per_rank=chunks_per_rank,
+                           fix="every TP rank must pass the same tokens (same sequence length "
+                               "and batch) and weights of the same output size, in one dtype, "
+                               "with the same chunks_per_rank")
     return MatmulReduceScatterFunction.apply(x, weight, group, chunks_per_rank)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from parallelkit._native import native
+from parallelkit.distributed import comm
 from parallelkit.distributed.context_layout import check_sequence_length, chunk_ids
 from parallelkit.ops.attention_block import (attention_block_backward, attention_block_forward,
                                              check_inputs)
@@ -145,13 +146,29 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
     this rank's tokens in ``layout`` order (see ``split_for_context_parallel``). Returns
     ``[b, heads, s/cp, d]`` in q's dtype, equal to full-sequence attention on these rows.
     """
-    # Every check happens before the first message: a rank that raised mid-ring would leave its
-    # peers blocked and the group's point-to-point channels out of step.
-    cp = dist.get_world_size(cp_group)
-    check_sequence_length(q.shape[2] * cp, layout, cp)
-    if k.shape != v.shape or k.shape[2] != q.shape[2] or k.shape[0] != q.shape[0]:
-        raise ValueError(f"ring_attention expects q [b, h, s/cp, d] and k, v [b, kv_h, s/cp, d] "
-                         f"with equal b and s/cp, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    check_inputs(q, k, v)
+    # Every check happens before the first message, and on every rank together: a rank that
+    # raised mid-ring, or alone, would leave its peers blocked, and unequal chunks abort gloo.
+    def local_checks():
+        cp = dist.get_world_size(cp_group)
+        check_sequence_length(q.shape[2] * cp, layout, cp)
+        if k.shape != v.shape or k.shape[2] != q.shape[2] or k.shape[0] != q.shape[0]:
+            raise ValueError(f"ring_attention expects q [b, h, s/cp, d] and k, v [b, kv_h, s/cp, "
+                             f"d] with equal b and s/cp, got q {tuple(q.shape)}, k "
+                             f"{tuple(k.shape)}, v {tuple(v.shape)}")
+        check_inputs(q, k, v)
+
+    check_context_parallel_inputs("ring_attention", cp_group, q, k, v, causal, layout, scale,
+                                  local_checks)
     return RingAttentionFunction.apply(q, k, v, cp_group, causal, layout, scale)
+
+
+def check_context_parallel_inputs(what: str, cp_group: dist.ProcessGroup, q, k, v, causal: bool,
+                                  layout: str, scale: float | None, local_checks) -> None:
+    """The CP ranks' agreement on everything both CP attentions exchange or assume equal (see
+    ``comm.check_ranks_agree``), with ``local_checks`` run on every rank together."""
+    comm.check_ranks_agree(
+        cp_group, f"ContextParallelAttention ({what})", ranks="context-parallel",
+        check=local_checks, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=q.dtype,
+        causal=bool(causal), layout=layout, scale=scale,
+        fix="every CP rank must pass q, k, v for its s/cp tokens of the same batch (same local "
+            "sequence length, batch, heads and head dim), in one dtype, with the same options")

@@ -13,6 +13,8 @@ sequence-first transformer (Megatron's ``tensor_shape``): receivers allocate it 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,6 +25,7 @@ from parallelkit.distributed import comm
 from parallelkit.distributed.p2p import Recv, Send
 from parallelkit.pipeline_parallel.backward_split import backward_input
 from parallelkit.pipeline_parallel.actions import RECV_F, SEND_B, SEND_F, Action, Schedule
+from parallelkit.pipeline_parallel.check import check_schedule
 from parallelkit.pipeline_parallel.schedules import build_schedule
 from parallelkit.pipeline_parallel.stage import PipelineStage
 
@@ -73,16 +76,49 @@ def run_schedule(schedule: Schedule, stage: PipelineStage, inputs: torch.Tensor 
     """Run this rank's actions of ``schedule``; the step's mean loss (float64, every pp rank).
 
     ``timings``, if a list, receives ``(step, start, end)`` (``time.perf_counter``) per step.
+    Before any message, every pp rank raises together if ``check_schedule`` rejects the schedule
+    (a missing or misordered action: :class:`ScheduleError`), a rank lacks its inputs/targets, or
+    (where ``comm.validation_enabled``) the ranks hold different schedules or activation shapes.
     """
-    if (schedule.pp, schedule.chunks) != (stage.pp_size, len(stage.chunks)):
-        raise ValueError(f"schedule {schedule.name} is for pp={schedule.pp} with {schedule.chunks} "
-                         f"chunk(s) per rank, but this stage is rank {stage.pp_rank} of "
-                         f"pp={stage.pp_size} with {len(stage.chunks)} chunk(s)")
+    shape, prepared = tuple(activation_shape), []
+
+    def local_checks():
+        if (schedule.pp, schedule.chunks) != (stage.pp_size, len(stage.chunks)):
+            raise ValueError(f"schedule {schedule.name} is for pp={schedule.pp} with "
+                             f"{schedule.chunks} chunk(s) per rank, but this stage is rank "
+                             f"{stage.pp_rank} of pp={stage.pp_size} with {len(stage.chunks)} "
+                             "chunk(s)")
+        _check_schedule_once(schedule)
+        prepared.append(_RankRun(schedule, stage, inputs, targets, shape))
+
+    # A schedule that cannot run to the end, a rank missing its batch, or ranks running different
+    # schedules or activation shapes would hang (or abort) at some later message: every pipeline
+    # rank raises here instead, together.
+    comm.check_ranks_agree(
+        stage.group, "run_schedule", ranks="pipeline-parallel", check=local_checks,
+        schedule=schedule.name, microbatches=schedule.microbatches, chunks=schedule.chunks,
+        actions_digest=_actions_digest(schedule), activation_shape=shape, dtype=stage.dtype,
+        fix="every pipeline rank must run the same schedule with the same activation_shape")
+    run = prepared[0]
     with torch.enable_grad(), stage.summing_tied_grads():
-        run = _RankRun(schedule, stage, inputs, targets, tuple(activation_shape))
         run.run(timings)
     total = sum(run.losses, torch.zeros((), dtype=torch.float64, device=stage.device))
-    return comm.all_reduce(total.double(), stage.group)  # non-last ranks add 0: exact
+    with comm.entry_checked():
+        return comm.all_reduce(total.double(), stage.group)  # non-last ranks add 0: exact
+
+
+@functools.lru_cache(maxsize=64)
+def _check_schedule_once(schedule: Schedule) -> None:
+    """``check_schedule``, once per schedule (frozen, so equal content is an equal key); a
+    schedule it rejects is not cached and raises its ScheduleError every time."""
+    check_schedule(schedule)
+
+
+@functools.lru_cache(maxsize=64)
+def _actions_digest(schedule: Schedule) -> int:
+    """The schedule's actions as one int, equal on ranks that hold equal schedules."""
+    digest = hashlib.blake2b(repr(schedule.actions).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 @dataclass

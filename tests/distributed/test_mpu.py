@@ -111,6 +111,41 @@ def test_bad_sizes_raise_before_creating_groups():
     run_on_ranks(_bad_sizes_on_a_world, 8)
 
 
+def _sizes_differ_across_ranks():
+    rank = dist.get_rank()
+    try:
+        mpu.initialize(tp=2 if rank == 0 else 4)
+    except ValueError as exc:
+        error = str(exc)
+    else:
+        error = None
+    assert not mpu.is_initialized()
+    # only rank 3's own arguments are bad: every rank raises, naming it
+    try:
+        mpu.initialize(tp=3 if rank == 3 else 2)
+    except ValueError as exc:
+        local = str(exc)
+    else:
+        local = None
+    state = mpu.initialize(tp=2, dp=None if rank else 4)  # dp=None resolves to the same 4
+    return error, local, state.dp.size
+
+
+def test_different_sizes_on_different_ranks_raise_on_every_rank_instead_of_hanging():
+    results = run_on_ranks(_sizes_differ_across_ranks, 8, timeout=30)
+    others = ", ".join(f"rank {r} has 4" for r in range(1, 8))
+    dps = ", ".join(f"rank {r} has 2" for r in range(1, 8))
+    for error, local, dp in results:
+        assert error == ("parallelkit.mpu.initialize: ranks disagree on the tp size: rank 0 has 2, "
+                         f"{others}; and on the dp size: rank 0 has 4, {dps}; every rank must "
+                         "call mpu.initialize with the same sizes, order, virtual_pp, backend and "
+                         "timeout")
+        assert "world_size=8 is not divisible by tp*pp*cp = 3*1*1 = 3" in local
+        assert dp == 4
+    assert results[3][1].startswith("world_size=8")  # rank 3 raises its own error
+    assert results[0][1].startswith("parallelkit.mpu.initialize: rank 3 rejected its input")
+
+
 def _check_device_mesh(tp, pp, cp, order):
     state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order)
     mesh = mpu.device_mesh()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from parallelkit.distributed import mpu
+from parallelkit.distributed import comm, mpu
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ class BoundGroup:
                                f"{list(self.ranks)}), but the MPU has been initialized again and "
                                f"its {self.kind} group is now ranks {list(current.ranks)}: the "
                                f"layer would compute with the old group; {fix}")
+
+    def check_input(self, owner: object, local_check) -> None:
+        """``local_check()`` (this rank's input checks) run so that if it fails on any member,
+        every member raises (through ``comm.check_ranks_agree``): a layer that raised on one
+        rank alone would leave the others waiting in its collective."""
+        self.check(owner)
+        comm.check_ranks_agree(self.group, type(owner).__name__, check=local_check,
+                               ranks={"tp": "tensor-parallel", "cp": "context-parallel"}.get(
+                                   self.kind, self.kind))
 
 
 def bind_group(group: dist.ProcessGroup | None, kind: str) -> BoundGroup:

@@ -72,7 +72,9 @@ class _ParallelNorm(nn.Module):
         return layer
 
     def _check_input(self, x: torch.Tensor) -> None:
-        self._group.check(self)
+        self._group.check_input(self, lambda: self._local_checks(x))
+
+    def _local_checks(self, x: torch.Tensor) -> None:
         # Mixed precision is allowed here (bf16 rows, fp32 weight): the kernels upcast.
         check_input(type(self).__name__, x, self.weight, same_dtype=False)
         if x.dim() == 0 or x.shape[-1] != self.local_hidden:

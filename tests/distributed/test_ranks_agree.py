@@ -445,7 +445,26 @@ def _gathers_per_call():
 
 def test_one_check_per_op_call_and_none_when_off():
     counts = run_on_ranks(_gathers_per_call, 2, timeout=TIMEOUT)[0]
-    assert counts == {("rms", True): 1, ("layer", True): 2, ("cross_entropy", True): 2,
+    # The norm layers add one exchange at their entry (their own input checks, so that a bad
+    # input on one rank raises on all); the op adds one; LayerNorm's statistics one all-gather.
+    assert counts == {("rms", True): 2, ("layer", True): 3, ("cross_entropy", True): 2,
                       ("cross_entropy given sizes", True): 1,
                       ("rms", False): 0, ("layer", False): 1, ("cross_entropy", False): 1,
                       ("cross_entropy given sizes", False): 0}
+
+
+def _one_rank_passes_the_full_hidden():
+    from parallelkit.tensor_parallel import ParallelRMSNorm
+
+    state = mpu.initialize(tp=2)
+    norm = ParallelRMSNorm(8)
+    x = torch.randn(3, 8 if state.tp.rank == 1 else 4)
+    with pytest.raises(ValueError) as caught:
+        norm(x)
+    return str(caught.value)
+
+
+def test_a_layer_input_bad_on_one_rank_raises_on_every_rank():
+    mine, other = run_on_ranks(_one_rank_passes_the_full_hidden, 2, timeout=30)
+    assert "expects this rank's hidden slice [..., 4], got shape (3, 8)" in other
+    assert "rank 1" in mine

@@ -7,13 +7,15 @@ Each function is an autograd Function whose backward is the adjoint of its forwa
     reduce_from_tp_region   all-reduce   identity                    row-parallel output
     scatter_to_tp_region    split ..-1   all-gather ..-1             row-parallel, full input
     gather_from_tp_region   all-gather -1  split -1                  column-parallel, gather_output
-    scatter_to_sp_region    split dim 0  all-gather dim 0            entering sequence parallel
-    gather_from_sp_region   all-gather 0 reduce-scatter 0 (or split) column-parallel under SP
-    reduce_scatter_to_sp_region  reduce-scatter 0  all-gather 0      row-parallel under SP
+    scatter_to_sp_region    split dim d  all-gather dim d            entering sequence parallel
+    gather_from_sp_region   all-gather d reduce-scatter d (or split) column-parallel under SP
+    reduce_scatter_to_sp_region  reduce-scatter d  all-gather d      row-parallel under SP
     all_to_all              split a, gather b   split b, gather a    Ulysses context parallelism
 
-Sequence-parallel tensors are sequence-first, ``[s/tp, b, h]``, as in Megatron, so the sequence
-is dim 0 and every collective works on contiguous slabs.
+Sequence-parallel tensors are sequence-first by default, ``[s/tp, b, h]`` as in Megatron, so the
+sequence is dim ``d = 0`` and every collective works on contiguous slabs. Batch-first models
+(Hugging Face, ``[b, s/tp, h]``) pass ``dim=1``; the collectives then move the sequence to the
+front and back, one extra copy per call.
 """
 
 from __future__ import annotations
@@ -108,25 +110,30 @@ def gather_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Te
     return _Gather.apply(x, -1, group, False)
 
 
-def scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``x: [s, b, h]`` replicated → ``[s/tp, b, h]``, this rank's part of the sequence."""
-    return _Scatter.apply(x, 0, group, False)
+def scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup, *,
+                         dim: int = 0) -> torch.Tensor:
+    """``x: [s, b, h]`` replicated → ``[s/tp, b, h]``, this rank's part of the sequence; with
+    ``dim=1``, ``x: [b, s, h]`` → ``[b, s/tp, h]``."""
+    return _Scatter.apply(x, dim, group, False)
 
 
 def gather_from_sp_region(x: torch.Tensor, group: dist.ProcessGroup,
-                          tp_output_grad: bool = True) -> torch.Tensor:
-    """``x: [s/tp, b, h]`` → ``[s, b, h]`` on every TP rank.
+                          tp_output_grad: bool = True, *, dim: int = 0) -> torch.Tensor:
+    """``x: [s/tp, b, h]`` → ``[s, b, h]`` on every TP rank; with ``dim=1``,
+    ``x: [b, s/tp, h]`` → ``[b, s, h]``.
 
     With ``tp_output_grad`` (the usual case: the full sequence feeds a column-parallel matmul,
     so each rank's gradient is a partial sum) the backward reduce-scatters; without it the
     gradient is taken to be identical on all ranks and is only split.
     """
-    return _Gather.apply(x, 0, group, tp_output_grad)
+    return _Gather.apply(x, dim, group, tp_output_grad)
 
 
-def reduce_scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Partial sums ``x: [s, b, h]`` → ``[s/tp, b, h]``, this rank's part of their total."""
-    return _Scatter.apply(x, 0, group, True)
+def reduce_scatter_to_sp_region(x: torch.Tensor, group: dist.ProcessGroup, *,
+                                dim: int = 0) -> torch.Tensor:
+    """Partial sums ``x: [s, b, h]`` → ``[s/tp, b, h]``, this rank's part of their total; with
+    ``dim=1``, ``x: [b, s, h]`` → ``[b, s/tp, h]``."""
+    return _Scatter.apply(x, dim, group, True)
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
@@ -135,3 +142,40 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
     along ``gather_dim`` (rank order); backward is the reverse all-to-all. Ulysses uses it to
     trade a sequence split ([b, h, s/p, d]) for a head split ([b, h/p, s, d])."""
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+# What a sequence-parallel layer checks of its ``sequence_dim`` before it calls the regions above.
+def check_sequence_dim(owner: str, sequence_dim) -> None:
+    """A layer's ``sequence_dim`` argument is an int; the input it must fit is checked at forward
+    by :func:`sequence_dim_of`."""
+    if isinstance(sequence_dim, bool) or not isinstance(sequence_dim, int):
+        raise ValueError(f"{owner} sequence_dim={sequence_dim!r} must be an int: 0 for "
+                         f"sequence-first [s, b, h] activations, 1 for batch-first [b, s, h]")
+
+
+def sequence_dim_of(owner: str, shape: tuple[int, ...], sequence_dim: int,
+                    what: str = "input") -> int:
+    """``sequence_dim`` as a dim >= 0 of an activation ``[..., h]`` of ``shape``, which must have
+    that dim and must not be the last (the features): else a ValueError naming the valid ones."""
+    ndim = len(shape)
+    dim = sequence_dim + ndim if sequence_dim < 0 else sequence_dim
+    if not 0 <= dim < ndim - 1:
+        valid = (f"one of 0..{ndim - 2} (or {-ndim}..-2)" if ndim > 1
+                 else "a dim other than the features, and it has none")
+        raise ValueError(f"{owner} sequence_dim={sequence_dim} does not name a sequence dim of its "
+                         f"{what} of shape {tuple(shape)}: it must be {valid}, not the last dim "
+                         f"(the features); 0 for [s, b, h], 1 for [b, s, h]")
+    return dim
+
+
+def check_sequence_divisible(owner: str, shape: tuple[int, ...], dim: int, tp: int) -> None:
+    """The sequence (dim ``dim`` of an activation ``[..., h]`` of ``shape``) splits ``tp`` ways."""
+    if shape[dim] % tp:
+        others = len(shape) - 2
+        names = ["b"] if others == 1 else [f"b{i}" for i in range(others)]
+        names.insert(dim, "s")
+        layout = ", ".join(names + ["h"])
+        raise ValueError(
+            f"{owner}(sequence_parallel=True) splits the sequence (dim {dim} of [{layout}]) "
+            f"across tp={tp} ranks, but s={shape[dim]} is not divisible by {tp}; pad the "
+            f"sequence to a multiple of {tp}")

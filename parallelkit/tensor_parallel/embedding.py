@@ -2,7 +2,8 @@
 
 Rank r holds rows ``[r * V/tp, (r+1) * V/tp)``. Each rank looks up the ids that fall in its range,
 writes zeros for the others, and the sum over TP ranks is the full lookup: an all-reduce, or under
-sequence parallelism a reduce-scatter that leaves each rank its ``s/tp`` part of the sequence.
+sequence parallelism a reduce-scatter that leaves each rank its ``s/tp`` part of the sequence
+(dim ``sequence_dim``: 0 for sequence-first ids ``[s, b]``, 1 for batch-first ``[b, s]``).
 
 A vocabulary that does not divide by tp is an error (pad the vocabulary, e.g. 50257 → 50260 for
 tp=4, and keep the extra rows out of the loss); the embedding never pads silently.
@@ -26,15 +27,21 @@ class VocabParallelEmbedding(nn.Module):
 
     Shapes:
         ids: ``[s, b]`` (any shape without sequence parallelism), int64, values in [0, vocab).
-        out: ``[s, b, dim]`` replicated, or ``[s/tp, b, dim]`` with ``sequence_parallel``.
+        out: ``[s, b, dim]`` replicated, or ``[s/tp, b, dim]`` with ``sequence_parallel``
+             (``[b, s/tp, dim]`` from ids ``[b, s]`` with ``sequence_dim=1``).
+    ``sequence_dim`` (used only with ``sequence_parallel``) counts the output's dims, as for the
+    linear layers: a negative one counts from the end of ``[b, s, dim]``, so -2 is the sequence
+    either way.
     Weight ``[vocab/tp, dim]``: this rank's rows. ``padding_idx`` keeps a zero gradient as in
     ``nn.Embedding``.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 sequence_parallel: bool = False, *, tp_group: dist.ProcessGroup | None = None,
-                 device=None, dtype=None, skip_init: bool = False):
+                 sequence_parallel: bool = False, *, sequence_dim: int = 0,
+                 tp_group: dist.ProcessGroup | None = None, device=None, dtype=None,
+                 skip_init: bool = False):
         super().__init__()
+        mappings.check_sequence_dim("VocabParallelEmbedding", sequence_dim)
         check_positive_int("VocabParallelEmbedding", "num_embeddings", num_embeddings)
         check_positive_int("VocabParallelEmbedding", "embedding_dim", embedding_dim)
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
@@ -43,7 +50,7 @@ class VocabParallelEmbedding(nn.Module):
         self._group = bind_group(tp_group, "tp")
         self.tp_group, self.tp = self._group.group, self._group.size
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         if padding_idx is not None and padding_idx < 0:
             padding_idx += num_embeddings
         self.padding_idx = padding_idx
@@ -62,6 +69,7 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, sequence_parallel: bool = False, *,
+                   sequence_dim: int = 0,
                    tp_group: dist.ProcessGroup | None = None) -> "VocabParallelEmbedding":
         """This rank's rows of ``embedding``; the layer computes what ``embedding`` did."""
         if not isinstance(embedding, nn.Embedding):
@@ -74,14 +82,19 @@ class VocabParallelEmbedding(nn.Module):
             raise ValueError(f"VocabParallelEmbedding does not support nn.Embedding's "
                              f"{unsupported}; convert an embedding without them")
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                    sequence_parallel, tp_group=tp_group, device=embedding.weight.device,
-                    dtype=embedding.weight.dtype, skip_init=True)
+                    sequence_parallel, sequence_dim=sequence_dim, tp_group=tp_group,
+                    device=embedding.weight.device, dtype=embedding.weight.dtype, skip_init=True)
         copy_shard_(layer.weight, embedding.weight.detach(), 0, layer.tp_group)
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         self._group.check(self)
         _check_ids(ids, self.num_embeddings, self.weight.device)
+        if self.sequence_parallel:
+            out_shape = (*ids.shape, self.embedding_dim)
+            dim = mappings.sequence_dim_of("VocabParallelEmbedding", out_shape, self.sequence_dim,
+                                           "output (ids.shape + (embedding_dim,))")
+            mappings.check_sequence_divisible("VocabParallelEmbedding", out_shape, dim, self.tp)
         if self.tp == 1:
             out = F.embedding(ids, self.weight, self.padding_idx)
         else:
@@ -90,12 +103,7 @@ class VocabParallelEmbedding(nn.Module):
             out = F.embedding(local_ids, self.weight, self._local_padding_idx())
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # another rank owns these rows
         if self.sequence_parallel:
-            if out.shape[0] % self.tp:
-                raise ValueError(
-                    f"VocabParallelEmbedding(sequence_parallel=True) splits the sequence (dim 0 "
-                    f"of ids [s, b]) across tp={self.tp} ranks, but s={out.shape[0]} is not "
-                    f"divisible by {self.tp}; pad the sequence to a multiple of {self.tp}")
-            return mappings.reduce_scatter_to_sp_region(out, self.tp_group)
+            return mappings.reduce_scatter_to_sp_region(out, self.tp_group, dim=dim)
         return mappings.reduce_from_tp_region(out, self.tp_group)
 
     def _local_padding_idx(self) -> int | None:
@@ -105,7 +113,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, "
-                f"{self.vocab_end}), tp={self.tp}, sequence_parallel={self.sequence_parallel}")
+                f"{self.vocab_end}), tp={self.tp}, sequence_parallel={self.sequence_parallel}, "
+                f"sequence_dim={self.sequence_dim}")
 
 
 def _check_ids(ids: torch.Tensor, vocab: int, device: torch.device) -> None:

@@ -8,13 +8,16 @@ column → row (attention qkv → out, MLP up → down) needs no communication i
 Under sequence parallelism activations outside these pairs are ``[s/tp, b, h]`` (sequence-first):
 the column layer all-gathers the sequence on entry and the row layer reduce-scatters it on exit,
 which moves the same bytes as the all-reduce it replaces while storing 1/tp of the activations.
+Batch-first models (Hugging Face, ``[b, s/tp, h]``) pass ``sequence_dim=1`` (any non-last dim
+of the activations, negative counting from the end; it is used only with sequence parallelism).
 
 Fresh layers initialise the full weight exactly as ``nn.Linear`` would from the current CPU RNG
 and keep their shard, so one seed gives one model whatever tp is; ``from_dense`` keeps the shard
 of an existing ``nn.Linear`` (``skip_init=True`` leaves the parameters for the caller to fill).
 
 ``overlap_comm=True`` (sequence parallelism only) runs the fused ring ops of
-``parallelkit.ops.overlap`` instead of collective-then-matmul; the results are the same. Each
+``parallelkit.ops.overlap`` instead of collective-then-matmul; the results are the same (with
+``sequence_dim != 0`` at the cost of one copy of the input, see ``_sequence_first``). Each
 layer counts the calls of each path in ``calls_by_path`` and logs the path it takes at DEBUG
 level the first time, so a fused path cannot fall back unnoticed.
 """
@@ -48,9 +51,11 @@ class _ParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, sequence_parallel: bool,
                  overlap_comm: bool, chunks_per_rank: int, tp_group: dist.ProcessGroup | None,
-                 init_method: Callable | None, device=None, dtype=None, skip_init: bool = False):
+                 init_method: Callable | None, device=None, dtype=None, skip_init: bool = False,
+                 *, sequence_dim: int = 0):
         super().__init__()
         name = type(self).__name__
+        mappings.check_sequence_dim(name, sequence_dim)
         if overlap_comm and not sequence_parallel:
             raise ValueError(f"{name}(overlap_comm=True) fuses the sequence-parallel collective "
                              "into the matmul: it needs sequence_parallel=True")
@@ -60,7 +65,7 @@ class _ParallelLinear(nn.Module):
         self._group = bind_group(tp_group, "tp")
         self.tp_group, self.tp = self._group.group, self._group.size
         self.in_features, self.out_features = in_features, out_features
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         self.overlap_comm, self.chunks_per_rank = overlap_comm, chunks_per_rank
         self.calls_by_path: Counter = Counter()
         self.init_method = init_method
@@ -109,6 +114,9 @@ class _ParallelLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expects inputs [..., {features}] ({hint}), "
                              f"got shape {tuple(x.shape)}")
 
+    def _sequence_dim(self, x: torch.Tensor) -> int:
+        return mappings.sequence_dim_of(type(self).__name__, x.shape, self.sequence_dim)
+
     def _count_path(self, path: str) -> None:
         if not self.calls_by_path:
             logger.debug("%s (tp=%d) runs %s", type(self).__name__, self.tp, path)
@@ -117,15 +125,18 @@ class _ParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, tp={self.tp}, "
-                f"sequence_parallel={self.sequence_parallel}, overlap_comm={self.overlap_comm}")
+                f"sequence_parallel={self.sequence_parallel}, sequence_dim={self.sequence_dim}, "
+                f"overlap_comm={self.overlap_comm}")
 
 
 class ColumnParallelLinear(_ParallelLinear):
     """``y = x A^T + b`` with A's output features split across TP ranks.
 
     Shapes (``n = out_features``):
-        x: ``[s, b, in]`` replicated, or ``[s/tp, b, in]`` with ``sequence_parallel``.
-        y: ``[s, b, n/tp]``, or ``[s, b, n]`` with ``gather_output``.
+        x: ``[s, b, in]`` replicated, or ``[s/tp, b, in]`` with ``sequence_parallel``
+           (``[b, s/tp, in]`` with ``sequence_dim=1``).
+        y: ``[s, b, n/tp]``, or ``[s, b, n]`` with ``gather_output`` (``[b, s, ...]`` with
+           ``sequence_dim=1``).
     Weight ``[n/tp, in]`` and bias ``[n/tp]``: this rank's rows of the full ones.
     """
 
@@ -133,33 +144,36 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False, *,
-                 overlap_comm: bool = False, chunks_per_rank: int = 1,
+                 sequence_dim: int = 0, overlap_comm: bool = False, chunks_per_rank: int = 1,
                  tp_group: dist.ProcessGroup | None = None, init_method: Callable | None = None,
                  device=None, dtype=None, skip_init: bool = False):
         self.gather_output = gather_output
         super().__init__(in_features, out_features, bias, sequence_parallel, overlap_comm,
-                         chunks_per_rank, tp_group, init_method, device, dtype, skip_init)
+                         chunks_per_rank, tp_group, init_method, device, dtype, skip_init,
+                         sequence_dim=sequence_dim)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, gather_output: bool = False,
-                   sequence_parallel: bool = False, *, overlap_comm: bool = False,
-                   chunks_per_rank: int = 1,
+                   sequence_parallel: bool = False, *, sequence_dim: int = 0,
+                   overlap_comm: bool = False, chunks_per_rank: int = 1,
                    tp_group: dist.ProcessGroup | None = None) -> "ColumnParallelLinear":
         """This rank's shard of ``linear``; the layer computes what ``linear`` did."""
         return cls._from_dense(linear, gather_output=gather_output,
-                               sequence_parallel=sequence_parallel, overlap_comm=overlap_comm,
-                               chunks_per_rank=chunks_per_rank, tp_group=tp_group)
+                               sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
+                               overlap_comm=overlap_comm, chunks_per_rank=chunks_per_rank,
+                               tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, self.in_features, "the full input features")
         if self.overlap_comm:
             self._count_path("fused all_gather_matmul")
-            y = overlap.all_gather_matmul(x, self.weight, self.tp_group, self.chunks_per_rank)
+            y = _sequence_first(overlap.all_gather_matmul, x, self._sequence_dim(x),
+                                self.weight, self.tp_group, self.chunks_per_rank)
             y = y if self.bias is None else y + self.bias
         else:
             if self.sequence_parallel:
                 self._count_path("all-gather then matmul")
-                x = mappings.gather_from_sp_region(x, self.tp_group)
+                x = mappings.gather_from_sp_region(x, self.tp_group, dim=self._sequence_dim(x))
             else:
                 self._count_path("matmul (all-reduce in backward)")
                 x = mappings.copy_to_tp_region(x, self.tp_group)
@@ -173,7 +187,8 @@ class RowParallelLinear(_ParallelLinear):
     Shapes (``k = in_features``):
         x: ``[s, b, k/tp]`` with ``input_is_parallel`` (a column-parallel output), else
            ``[s, b, k]`` replicated (this layer takes its slice).
-        y: ``[s, b, out]`` replicated, or ``[s/tp, b, out]`` with ``sequence_parallel``.
+        y: ``[s, b, out]`` replicated, or ``[s/tp, b, out]`` with ``sequence_parallel``
+           (``[b, s/tp, out]`` from ``x: [b, s, k/tp]`` with ``sequence_dim=1``).
     Weight ``[out, k/tp]``: this rank's columns. Bias ``[out]`` is replicated and added after
     the reduction; under sequence parallelism it is marked (see ``sequence_parallel.py``).
     """
@@ -182,7 +197,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  input_is_parallel: bool = False, sequence_parallel: bool = False, *,
-                 overlap_comm: bool = False, chunks_per_rank: int = 1,
+                 sequence_dim: int = 0, overlap_comm: bool = False, chunks_per_rank: int = 1,
                  tp_group: dist.ProcessGroup | None = None, init_method: Callable | None = None,
                  device=None, dtype=None, skip_init: bool = False):
         if sequence_parallel and not input_is_parallel:
@@ -190,19 +205,21 @@ class RowParallelLinear(_ParallelLinear):
                              "input_is_parallel=True: its input must be a column-parallel output")
         self.input_is_parallel = input_is_parallel
         super().__init__(in_features, out_features, bias, sequence_parallel, overlap_comm,
-                         chunks_per_rank, tp_group, init_method, device, dtype, skip_init)
+                         chunks_per_rank, tp_group, init_method, device, dtype, skip_init,
+                         sequence_dim=sequence_dim)
         if sequence_parallel and self.bias is not None:
             mark_sequence_parallel(self.bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, input_is_parallel: bool = False,
-                   sequence_parallel: bool = False, *, overlap_comm: bool = False,
-                   chunks_per_rank: int = 1,
+                   sequence_parallel: bool = False, *, sequence_dim: int = 0,
+                   overlap_comm: bool = False, chunks_per_rank: int = 1,
                    tp_group: dist.ProcessGroup | None = None) -> "RowParallelLinear":
         """This rank's shard of ``linear``; the layer computes what ``linear`` did."""
         return cls._from_dense(linear, input_is_parallel=input_is_parallel,
-                               sequence_parallel=sequence_parallel, overlap_comm=overlap_comm,
-                               chunks_per_rank=chunks_per_rank, tp_group=tp_group)
+                               sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
+                               overlap_comm=overlap_comm, chunks_per_rank=chunks_per_rank,
+                               tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_is_parallel:
@@ -210,19 +227,30 @@ class RowParallelLinear(_ParallelLinear):
         else:
             self._check_input(x, self.in_features, "the full input features")
             x = mappings.scatter_to_tp_region(x, self.tp_group)
-        if self.sequence_parallel and x.shape[0] % self.tp:
-            raise ValueError(
-                f"RowParallelLinear(sequence_parallel=True) splits the sequence (dim 0 of "
-                f"[s, b, h]) across tp={self.tp} ranks, but s={x.shape[0]} is not "
-                f"divisible by {self.tp}; pad the sequence to a multiple of {self.tp}")
+        if self.sequence_parallel:
+            dim = self._sequence_dim(x)
+            mappings.check_sequence_divisible(type(self).__name__, x.shape, dim, self.tp)
         # The bias is added after the sum, or it would be added tp times.
         if self.overlap_comm:
             self._count_path("fused matmul_reduce_scatter")
-            y = overlap.matmul_reduce_scatter(x, self.weight, self.tp_group, self.chunks_per_rank)
+            y = _sequence_first(overlap.matmul_reduce_scatter, x, dim, self.weight,
+                                self.tp_group, self.chunks_per_rank)
         elif self.sequence_parallel:
             self._count_path("matmul then reduce-scatter")
-            y = mappings.reduce_scatter_to_sp_region(F.linear(x, self.weight), self.tp_group)
+            y = mappings.reduce_scatter_to_sp_region(F.linear(x, self.weight), self.tp_group,
+                                                     dim=dim)
         else:
             self._count_path("matmul then all-reduce")
             y = mappings.reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias
+
+
+def _sequence_first(fused_op: Callable, x: torch.Tensor, dim: int, *args) -> torch.Tensor:
+    """``fused_op(x, *args)`` for ``x`` whose sequence is dim ``dim``: the ring ops split and gather
+    the leading rows of ``x`` viewed as ``[rows, k]``, so the sequence must lead. For ``dim != 0``
+    this costs one copy of ``x`` (and of the gradient in backward). The result is moved back as a
+    view that stays sequence-first in memory, so when only elementwise ops (bias, activation)
+    lie between this layer and the next fused one, the next one's move copies nothing."""
+    if dim == 0:
+        return fused_op(x, *args)
+    return fused_op(x.movedim(dim, 0).contiguous(), *args).movedim(0, dim)

@@ -1,22 +1,23 @@
-"""``parallelize(model, tp=..., cp=...)``: convert an existing model's layers in place.
+"""``parallelize(model)``: convert an existing model in place for tensor, sequence and context
+parallelism, with the fused overlap matmuls and the vocab-parallel loss.
 
-A plan maps module-name patterns (``fnmatch``, against ``model.named_modules()`` names) to a
-parallel style; each matching module is replaced by its parallel version built with
-``from_dense``, which keeps this rank's shard of the existing weights, so the converted model
-computes what the original did:
+    mpu.initialize(tp=2, cp=2)
+    model = parallelize(LlamaForCausalLM(config))        # the family's plan, fastest options
+    loss = model(input_ids, labels=labels).loss           # vocab-parallel cross-entropy
 
-    colwise         nn.Linear → ColumnParallelLinear (output features split)
-    colwise_gather  nn.Linear → ColumnParallelLinear(gather_output=True) (an LM head)
-    rowwise         nn.Linear → RowParallelLinear(input_is_parallel=True)
-    vocab           nn.Embedding → VocabParallelEmbedding
-    cp_attention    a module called as attention(q, k, v, is_causal=...) → ContextParallelAttention
-    conv1d_*        the same for transformers' Conv1D (GPT-2's x W + b layers, W stored [in, out]);
-                    conv1d_qkv splits a fused q|k|v projection so each rank keeps its heads of all
-                    three
+The plan comes from the model's family (``parallelkit.models``: Llama, Mistral, Qwen2, Qwen3,
+Gemma, Phi-3, GPT-NeoX, GPT-2, TinyLM), else from the structural plan that recognises a standard
+decoder, else from ``plan={module-name pattern: ParallelStyle}`` (``parallelkit.parallel_styles``;
+patterns are ``fnmatch``-ed against ``model.named_modules()`` names). Each matching module is
+replaced by its parallel version built with ``from_dense``, which keeps this rank's shard of the
+existing weights, so the converted model computes what the original did.
 
-Built-in plans: Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadModel`` (their attention is a
-registered function, so context parallelism registers ``"parallelkit_cp"`` with transformers'
-attention interface) and the repo's ``TinyLM``. Other models pass ``plan={pattern: style}``.
+Guards: the head and key/value-head counts must divide tp; cp > 1 without context-parallel
+attention installed is an error, as is an attention mask with padding under cp > 1; subclasses of
+nn.Linear / nn.Embedding whose forward differs are refused unless a style handles them.
+
+Under sequence parallelism the norms' gradients are partial sums over TP: ``parallelize``
+registers hooks that sum them during backward (our DistributedDataParallel knows and skips them).
 """
 
 from __future__ import annotations
@@ -28,87 +29,62 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelkit.context_parallel import ContextParallelAttention
-from parallelkit.distributed import mpu
-from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
-                                         VocabParallelEmbedding)
+from parallelkit.distributed.groups import bind_group
+from parallelkit.models import Family, config_heads, family_of
+from parallelkit.models.decoder import structural_plan
+from parallelkit.parallel_styles import (ColwiseParallel, ContextParallel, Conversion, LMHead,
+                                         ParallelOptions, ParallelStyle, RowwiseParallel,
+                                         VocabParallel)
+from parallelkit.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                         register_sequence_parallel_grad_hooks)
+from parallelkit.tensor_parallel.cross_entropy import causal_lm_loss
 
-STYLES = {
-    "colwise": lambda m, g: ColumnParallelLinear.from_dense(m, tp_group=g.tp_arg),
-    "colwise_gather": lambda m, g: ColumnParallelLinear.from_dense(m, gather_output=True,
-                                                                   tp_group=g.tp_arg),
-    "rowwise": lambda m, g: RowParallelLinear.from_dense(m, input_is_parallel=True, tp_group=g.tp_arg),
-    "vocab": lambda m, g: VocabParallelEmbedding.from_dense(m, tp_group=g.tp_arg),
-    "cp_attention": lambda m, g: ContextParallelAttention(g.cp_arg, g.cp_layout),
-    "conv1d_colwise": lambda m, g: ColumnParallelLinear.from_dense(_as_linear(m), tp_group=g.tp_arg),
-    "conv1d_rowwise": lambda m, g: RowParallelLinear.from_dense(_as_linear(m), input_is_parallel=True,
-                                                                tp_group=g.tp_arg),
-    "conv1d_qkv": lambda m, g: ColumnParallelLinear.from_dense(
-        _as_linear(m, qkv_parts=dist.get_world_size(g.tp)), tp_group=g.tp_arg),
-}
-
-LLAMA_PLAN = {
-    "model.embed_tokens": "vocab",
-    "model.layers.*.self_attn.[qkv]_proj": "colwise",
-    "model.layers.*.self_attn.o_proj": "rowwise",
-    "model.layers.*.mlp.gate_proj": "colwise",
-    "model.layers.*.mlp.up_proj": "colwise",
-    "model.layers.*.mlp.down_proj": "rowwise",
-    "lm_head": "colwise_gather",
-}
-
-GPT2_PLAN = {
-    "transformer.wte": "vocab",
-    "transformer.h.*.attn.c_attn": "conv1d_qkv",
-    "transformer.h.*.attn.c_proj": "conv1d_rowwise",
-    "transformer.h.*.mlp.c_fc": "conv1d_colwise",
-    "transformer.h.*.mlp.c_proj": "conv1d_rowwise",
-    "lm_head": "colwise_gather",
-}
-
-TINYLM_PLAN = {
-    "embed": "vocab",
-    "blocks.*.[qkv]_proj": "colwise",
-    "blocks.*.fc1": "colwise",
-    "blocks.*.o_proj": "rowwise",
-    "blocks.*.fc2": "rowwise",
-    "blocks.*.core_attention": "cp_attention",
-    "lm_head": "colwise_gather",
+# Plans written with the earlier string names still work.
+STYLE_NAMES = {
+    "colwise": ColwiseParallel, "rowwise": RowwiseParallel, "vocab": VocabParallel,
+    "colwise_gather": LMHead, "cp_attention": ContextParallel,
+    "conv1d_colwise": ColwiseParallel, "conv1d_rowwise": RowwiseParallel,
+    "conv1d_qkv": lambda: ColwiseParallel(parts=3),
 }
 
 
-class _Groups:
-    """The groups to convert for, and what the caller passed: None makes each layer bind to the
-    MPU's group, so that it refuses to run after the MPU changes layout."""
-
-    def __init__(self, tp_arg: dist.ProcessGroup | None, cp_arg: dist.ProcessGroup | None,
-                 cp_layout: str):
-        self.tp_arg, self.cp_arg, self.cp_layout = tp_arg, cp_arg, cp_layout
-        self.tp = tp_arg if tp_arg is not None else mpu.get_tp_group()
-        self.cp = cp_arg if cp_arg is not None else mpu.get_cp_group()
-
-
-def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *,
-                tp_group: dist.ProcessGroup | None = None, cp_group: dist.ProcessGroup | None = None,
-                cp_layout: str = "zigzag") -> nn.Module:
+def parallelize(model: nn.Module, plan: dict | None = None, *,
+                sequence_parallel: bool | None = None,
+                overlap_comm: bool | None = None, loss_parallel: bool = True,
+                cp_layout: str = "zigzag", chunks_per_rank: int = 1,
+                tp_group: dist.ProcessGroup | None = None,
+                cp_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Convert ``model`` in place for the TP and CP groups (default: the MPU's) and return it.
 
-    With cp > 1 every rank must feed its own tokens in ``cp_layout`` order
-    (``split_for_context_parallel``) and, for rotary models, their global ``position_ids``
-    (``context_parallel_positions``); the loss is then a mean over this rank's tokens.
+    Args:
+        plan: {pattern: ParallelStyle or style name}; default: the family's or structural plan.
+        sequence_parallel: split activations between TP regions along the sequence (norms and
+            residuals on 1/tp of the tokens); default: on where the family supports it.
+        overlap_comm: the fused ring matmuls (default: on with sequence parallelism).
+        loss_parallel: the LM head keeps its vocabulary shard when a loss is computed
+            (``model(ids, labels=...)``; logits are then ``[b, s, V/tp]``); without labels the
+            logits are gathered.
+        cp_layout: token order under context parallelism ("zigzag" or "contiguous"). Every rank
+            feeds its own tokens in this order (``split_for_context_parallel``), their global
+            ``position_ids`` (``context_parallel_positions``) and, for a loss, ``shift_labels``
+            split the same way (the next token of a rank's last one lives on another rank).
     """
-    groups = _Groups(tp_group, cp_group, cp_layout)
-    tp, cp = dist.get_world_size(groups.tp), dist.get_world_size(groups.cp)
-    kind = _model_kind(model)
-    if plan is None:
-        if kind is None:
-            raise ValueError(f"no built-in plan for {type(model).__name__}; pass "
-                             "plan={module-name pattern: style} with styles from "
-                             f"{sorted(STYLES)}")
-        plan = {"llama": LLAMA_PLAN, "gpt2": GPT2_PLAN, "tinylm": TINYLM_PLAN}[kind]
-    unknown = sorted(set(plan.values()) - set(STYLES))
-    if unknown:
-        raise ValueError(f"unknown parallel style(s) {unknown}; use {sorted(STYLES)}")
-    _check_heads(model, kind, tp, cp)
+    family = family_of(model)
+    supported = family is not None and family.sequence_parallel
+    if sequence_parallel is None:
+        sequence_parallel = supported
+    elif sequence_parallel and not supported and plan is None:
+        raise ValueError(f"sequence_parallel=True is not supported for {type(model).__name__} "
+                         "yet (its attention sizes heads from its own sequence-split input); "
+                         "pass sequence_parallel=False, or a plan built for it")
+    options = ParallelOptions(sequence_parallel, sequence_parallel if overlap_comm is None
+                              else overlap_comm, loss_parallel, cp_layout, chunks_per_rank)
+    tp = bind_group(tp_group, "tp").size
+    cp = bind_group(cp_group, "cp").size
+    plan = _resolve_plan(model, plan, family)
+    _check_heads(model, family, tp)
+    conversion = Conversion(tp_group, cp_group, tp, cp, options,
+                            family.sequence_dim if family else 1)
 
     used = set()
     for name, module in list(model.named_modules()):
@@ -117,40 +93,51 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *,
             continue
         used.add(pattern)
         style = plan[pattern]
-        if (cp if style == "cp_attention" else tp) > 1:
-            _replace(model, name, STYLES[style](module, groups))
+        if (cp if style.needs == "cp" else tp) > 1:
+            _replace(model, name, style.apply(module, conversion))
     unused = [p for p in plan if p not in used]
     if unused:
         raise ValueError(f"plan pattern(s) {unused} matched no module of "
                          f"{type(model).__name__}; check the names in model.named_modules()")
-    if kind == "tinylm":
-        for block in model.blocks:
-            block.heads = model.config.heads // tp
-    if kind == "gpt2":
-        for block in model.transformer.h:  # it splits c_attn's output into q, k, v of this size
-            block.attn.split_size //= tp
-            block.attn.num_heads //= tp
-    if kind in ("llama", "gpt2") and cp > 1:
-        _use_context_parallel_attention(model, groups)
+    if family is not None and family.after_conversion is not None and tp > 1:
+        family.after_conversion(model, conversion)
+    if cp > 1:
+        _install_context_parallel(model, family, conversion)
     _tie_weights(model)
+    if tp > 1:  # norms under SP, per-head norms always: their gradients are partial over TP
+        register_sequence_parallel_grad_hooks(model, bind_group(tp_group, "tp").group)
+    if options.loss_parallel and tp > 1:
+        _use_vocab_parallel_loss(model, conversion)
     return model
 
 
-def _model_kind(model: nn.Module) -> str | None:
-    from parallelkit.testing.tiny_models import TinyLM
+def _resolve_plan(model: nn.Module, plan: dict | None, family: Family | None) -> dict:
+    if plan is None:
+        if family is not None:
+            return family.plan(model)
+        if not hasattr(model, "get_input_embeddings"):
+            raise ValueError(f"no built-in plan for {type(model).__name__}; pass "
+                             "plan={module-name pattern: style} with styles from "
+                             "parallelkit.parallel_styles")
+        return structural_plan(model)
+    resolved = {}
+    for pattern, style in plan.items():
+        if isinstance(style, str):
+            if style not in STYLE_NAMES:
+                raise ValueError(f"unknown parallel style(s) [{style!r}]; use a ParallelStyle "
+                                 f"or one of {sorted(STYLE_NAMES)}")
+            style = STYLE_NAMES[style]()
+        if not isinstance(style, ParallelStyle):
+            raise TypeError(f"plan[{pattern!r}] is {style!r}, not a ParallelStyle")
+        resolved[pattern] = style
+    return resolved
 
-    if isinstance(model, TinyLM):
-        return "tinylm"
-    return {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}.get(type(model).__name__)
 
-
-def _check_heads(model: nn.Module, kind: str | None, tp: int, cp: int) -> None:
-    if kind == "llama":
-        heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-    elif kind == "gpt2":
-        heads = kv_heads = model.config.n_head
-    elif kind == "tinylm":
-        heads = kv_heads = model.config.heads
+def _check_heads(model: nn.Module, family: Family | None, tp: int) -> None:
+    if family is not None:
+        heads, kv_heads = family.heads(model)
+    elif hasattr(getattr(model, "config", None), "num_attention_heads"):
+        heads, kv_heads = config_heads(model)
     else:
         return
     for what, n in (("attention heads", heads), ("key/value heads", kv_heads)):
@@ -160,29 +147,9 @@ def _check_heads(model: nn.Module, kind: str | None, tp: int, cp: int) -> None:
                              f"divides {n}")
 
 
-def _as_linear(conv1d: nn.Module, qkv_parts: int | None = None) -> nn.Linear:
-    """transformers' Conv1D (y = x W + b, W [in, out]) as the nn.Linear computing the same.
-
-    With ``qkv_parts`` (the tp size) the output features of a fused [q | k | v] projection are
-    reordered to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so that a column split hands every rank the
-    same heads of q, k and v."""
-    weight, bias = conv1d.weight.detach().t(), conv1d.bias.detach()
-    if qkv_parts is not None:
-        def interleave(t):
-            pieces = [part.chunk(qkv_parts, 0) for part in t.chunk(3, 0)]  # [q|k|v][rank]
-            return torch.cat([pieces[i][r] for r in range(qkv_parts) for i in range(3)], 0)
-
-        weight, bias = interleave(weight), interleave(bias)
-    # skip_init: a temporary must not draw from (and so shift) the caller's RNG stream.
-    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], dtype=weight.dtype,
-                                device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    return linear
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("a plan pattern matched the model itself; match its submodules")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -197,24 +164,46 @@ def _tie_weights(model: nn.Module) -> None:
             head.weight = embed.weight
 
 
-def _use_context_parallel_attention(model: nn.Module, groups: _Groups) -> None:
-    """Route transformers' attention call of ``model`` to a ContextParallelAttention."""
-    from transformers import AttentionInterface
+def _install_context_parallel(model: nn.Module, family: Family | None,
+                              conversion: Conversion) -> None:
+    """cp > 1 must end with every attention context-parallel: a module the plan replaced, or
+    transformers' attention interface routed to ours. Anything else is an error."""
+    if any(isinstance(m, ContextParallelAttention) for m in model.modules()):
+        return
+    if family is not None and not family.context_parallel:
+        raise ValueError(f"cp={conversion.cp}: context parallelism is not supported for the "
+                         f"{family.name} family yet; use cp=1")
+    if not getattr(type(model), "_supports_attention_backend", False) or (
+            family is not None and not family.attention_interface):
+        raise ValueError(f"cp={conversion.cp} but no attention of {type(model).__name__} was made "
+                         "context-parallel: its attention does not go through transformers' "
+                         "attention interface; add ContextParallel() for its attention module "
+                         "to the plan, or use cp=1")
+    from parallelkit.context_parallel.hf_attention import use_context_parallel_attention
 
-    attention = ContextParallelAttention(groups.cp_arg, groups.cp_layout)
+    use_context_parallel_attention(model, conversion.cp_group, conversion.options.cp_layout)
 
-    def context_parallel_attention(module, query, key, value, attention_mask, dropout=0.0,
-                                   scaling=None, **kwargs):
-        if dropout:
-            raise ValueError("context-parallel attention does not apply attention dropout; "
-                             "set attention_dropout=0")
-        # Causal self-attention over the whole (split) sequence; a padding mask cannot be
-        # split along with the tokens, so none is applied.
-        out = attention(query, key, value, is_causal=True, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register("parallelkit_cp", context_parallel_attention)
-    model.config._attn_implementation = "parallelkit_cp"
+def _use_vocab_parallel_loss(model: nn.Module, conversion: Conversion) -> None:
+    """``model(ids, labels=...)`` computes the vocab-parallel loss on sharded logits."""
+    heads = [m for m in model.modules() if isinstance(m, ColumnParallelLinear)
+             and hasattr(m, "keep_vocab_shard")]
+    if not heads or not hasattr(type(model), "loss_function"):
+        return  # no converted LM head, or not a transformers model: logits stay gathered
+    head, group = heads[0], conversion.tp_group
+
+    def loss_function(logits, labels, vocab_size, **kwargs):
+        return causal_lm_loss(logits, labels, tp_group=group, **kwargs)
+
+    def before(module, args, kwargs):
+        head.keep_vocab_shard = kwargs.get("labels") is not None
+
+    def after(module, args, kwargs, output):
+        head.keep_vocab_shard = False
+
+    model.loss_function = loss_function
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
 
 
 def shard_batch(ids: torch.Tensor, cp_group: dist.ProcessGroup, dim: int,

@@ -55,8 +55,9 @@ from parallelkit.data_parallel.buckets import (DEFAULT_BUCKET_BYTES, Bucket,
                                                broadcast_from_first_rank_, check_replicas_agree,
                                                describe_tensor, plan_buckets, unsyncable_parameter)
 from parallelkit.distributed import comm, mpu
-from parallelkit.tensor_parallel.sequence_parallel import is_sequence_parallel
 from parallelkit.distributed.groups import resolve_group
+from parallelkit.tensor_parallel.sequence_parallel import (is_reduced_in_backward,
+                                                           is_sequence_parallel)
 
 
 def default_dp_group() -> dist.ProcessGroup:
@@ -107,8 +108,10 @@ class DistributedDataParallel(nn.Module):
                         for i, params in enumerate(plans)]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._names = {id(p): name for name, p in module.named_parameters()}
-        # Per bucket, its sequence-parallel parameters (summed over TP before the DP collective).
-        self._sp_params = [[p for p in b.params if is_sequence_parallel(p)] for b in self.buckets]
+        # Per bucket, its sequence-parallel parameters (summed over TP before the DP collective),
+        # unless a hook already summed them in backward (parallelize registers those).
+        self._sp_params = [[p for p in b.params if is_sequence_parallel(p)
+                            and not is_reduced_in_backward(p)] for b in self.buckets]
         self.tp_group = None
         if sync_sequence_parallel and any(self._sp_params):
             self.tp_group = resolve_group(tp_group, "tp")

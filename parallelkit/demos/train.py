@@ -146,7 +146,8 @@ def train_pipeline(cfg: DemoConfig, progress: bool = True) -> list[float]:
     dp, dp_rank = state.dp.size, state.dp.rank
     if cfg.batch % dp:
         raise ValueError(f"batch={cfg.batch} sequences do not split over dp={dp} ranks")
-    model = parallelize(build_tinylm(cfg))
+    # The stages pass [s, b, h] activations: without sequence parallelism's [s/tp, b, h] split.
+    model = parallelize(build_tinylm(cfg), sequence_parallel=False)
     stage = PipelineStage.from_layers(model.blocks, _lm_loss, pre=model.embed,
                                       post=torch.nn.Sequential(model.ln_f, model.lm_head))
     synced = DistributedDataParallel(torch.nn.ParameterList(stage.parameters()))

@@ -1,6 +1,6 @@
 """Tensor- and sequence-parallel layers: drop-in replacements for ``nn.Linear`` / ``nn.Embedding``."""
 
-from parallelkit.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from parallelkit.tensor_parallel.cross_entropy import VocabParallelCrossEntropy, causal_lm_loss
 from parallelkit.tensor_parallel.embedding import VocabParallelEmbedding
 from parallelkit.tensor_parallel.linear import ColumnParallelLinear, RowParallelLinear
 from parallelkit.tensor_parallel.norms import ParallelLayerNorm, ParallelRMSNorm
@@ -12,7 +12,7 @@ from parallelkit.tensor_parallel.sequence_parallel import (mark_sequence_paralle
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "ParallelLayerNorm", "ParallelRMSNorm", "VocabParallelCrossEntropy",
+    "ParallelLayerNorm", "ParallelRMSNorm", "VocabParallelCrossEntropy", "causal_lm_loss",
     "RNGStatesTracker", "get_rng_tracker", "model_parallel_seed",
     "mark_sequence_parallel", "sync_sequence_parallel_grads",
     "register_sequence_parallel_grad_hooks",

@@ -60,3 +60,29 @@ class VocabParallelCrossEntropy(nn.Module):
         return (f"tp={dist.get_world_size(self.tp_group)}, label_smoothing={self.label_smoothing},"
                 f" ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"inplace_backward={self.inplace_backward}")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None = None, *,
+                   shift_labels: torch.Tensor | None = None, ignore_index: int = -100,
+                   label_smoothing: float = 0.0, num_items_in_batch=None,
+                   tp_group: dist.ProcessGroup | None = None, **unused) -> torch.Tensor:
+    """Next-token loss on vocab-sharded logits, as transformers' ``ForCausalLMLoss`` computes it
+    on full ones (the function ``parallelize(loss_parallel=True)`` installs; also for custom
+    loops).
+
+    logits ``[b, s, V/tp]`` (this rank's vocabulary slice); labels ``[b, s]`` (shifted here:
+    position t predicts labels[t + 1]) or ``shift_labels`` ``[b, s]`` already shifted (needed
+    under context parallelism, where a rank's next token may live on another rank). The mean is
+    over the non-ignored tokens, or the sum over ``num_items_in_batch`` when given.
+    """
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("causal_lm_loss needs labels [b, s] or shift_labels [b, s]")
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    group = bind_group(tp_group, "tp").group
+    per_token = vocab_parallel_cross_entropy(
+        logits, shift_labels.to(logits.device), group, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, reduction="none")
+    if num_items_in_batch is not None:
+        return per_token.sum() / num_items_in_batch
+    return per_token.sum() / (shift_labels != ignore_index).sum().clamp(min=1)

@@ -26,8 +26,15 @@ def is_sequence_parallel(param: torch.Tensor) -> bool:
     return getattr(param, "sequence_parallel", False)
 
 
+def is_reduced_in_backward(param: torch.Tensor) -> bool:
+    """Whether a hook already sums this parameter's gradient over TP during backward."""
+    return getattr(param, "sequence_parallel_hooked", False)
+
+
 def sequence_parallel_params(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad and is_sequence_parallel(p)]
+    """Marked parameters whose gradients still need the sum over TP (hooked ones have it)."""
+    return [p for p in module.parameters() if p.requires_grad and is_sequence_parallel(p)
+            and not is_reduced_in_backward(p)]
 
 
 def sync_sequence_parallel_grads(module: nn.Module, tp_group: dist.ProcessGroup) -> None:
@@ -46,5 +53,7 @@ def register_sequence_parallel_grad_hooks(module: nn.Module, tp_group: dist.Proc
     Returns the hook handles (``handle.remove()`` undoes). A tensor hook, not a post-accumulate
     hook: it sees each backward's own gradient, so accumulated gradients are not reduced twice.
     """
-    return [p.register_hook(lambda grad: comm.all_reduce(grad, tp_group))
-            for p in sequence_parallel_params(module)]
+    params = sequence_parallel_params(module)
+    for p in params:  # so that a flat sync or the DP wrapper does not sum them a second time
+        p.sequence_parallel_hooked = True
+    return [p.register_hook(lambda grad: comm.all_reduce(grad, tp_group)) for p in params]

@@ -1,23 +1,17 @@
 """A tiny sequence-first transformer LM, dense and tensor-parallel, for parity tests and demos.
 
-``TinyLM`` is plain PyTorch. ``TinyLM.tensor_parallel(dense, ...)`` converts a copy layer by layer
-with the TP modules' ``from_dense`` (q/k/v and MLP-up column-parallel, attention-out and MLP-down
-row-parallel, vocab-parallel embedding, column-parallel LM head), so both compute the same
-function and the TP model's gradients are shards of the dense ones.
+``TinyLM`` is plain PyTorch; ``parallelize`` converts it with its family plan
+(``parallelkit.models.tinylm``), so both compute the same function and the TP model's gradients
+are shards of the dense ones.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
-from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
-                                         VocabParallelEmbedding, mark_sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -85,34 +79,3 @@ class TinyLM(nn.Module):
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-    @classmethod
-    def tensor_parallel(cls, dense: "TinyLM", tp_group: dist.ProcessGroup,
-                        sequence_parallel: bool = False, overlap_comm: bool = False) -> "TinyLM":
-        """A TP copy of ``dense``: same function, this rank's shard of every split weight.
-        ``overlap_comm`` (with sequence parallelism) uses the fused ring matmuls."""
-        tp = dist.get_world_size(tp_group)
-        if dense.config.heads % tp:
-            raise ValueError(f"heads={dense.config.heads} is not divisible by tp={tp}")
-        model = copy.deepcopy(dense)
-        sp, group = sequence_parallel, tp_group
-        fused = dict(overlap_comm=overlap_comm)
-        model.embed = VocabParallelEmbedding.from_dense(dense.embed, sp, tp_group=group)
-        for block, dense_block in zip(model.blocks, dense.blocks):
-            block.heads = dense.config.heads // tp
-            for name in ("q_proj", "k_proj", "v_proj", "fc1"):
-                column = ColumnParallelLinear.from_dense(getattr(dense_block, name),
-                                                         sequence_parallel=sp, tp_group=group,
-                                                         **fused)
-                setattr(block, name, column)
-            for name in ("o_proj", "fc2"):
-                row = RowParallelLinear.from_dense(getattr(dense_block, name), input_is_parallel=True,
-                                                   sequence_parallel=sp, tp_group=group, **fused)
-                setattr(block, name, row)
-        model.lm_head = ColumnParallelLinear.from_dense(dense.lm_head, gather_output=True,
-                                                        sequence_parallel=sp, tp_group=group)
-        if sp:  # norms see 1/tp of the tokens: their gradients are partial sums over TP
-            for module in model.modules():
-                if isinstance(module, nn.LayerNorm):
-                    mark_sequence_parallel(*module.parameters())
-        return model

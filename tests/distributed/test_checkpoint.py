@@ -18,7 +18,7 @@ CONFIG = TinyConfig(vocab=64, layers=2)  # two blocks: one per pipeline stage
 def model_and_optimizer(tp):
     mpu.initialize(tp=tp)
     torch.manual_seed(0)
-    model = parallelize(TinyLM(CONFIG))
+    model = parallelize(TinyLM(CONFIG), sequence_parallel=False)
     # eps=1e-6 rather than 1e-8: the key biases' true gradient is 0 (softmax ignores a
     # per-query constant), so theirs is rounding noise that a tiny eps would blow up to a full
     # Adam step, and the cross-layout comparison below would compare noise.
@@ -132,7 +132,7 @@ def test_a_failed_save_is_recovered_with_a_warning_then_cleaned_up(tmp_path):
 def _load_error(path, tp, vocab):
     """What each rank raises loading ``path`` into the model with ``vocab`` at ``tp``."""
     mpu.initialize(tp=tp)
-    model = parallelize(TinyLM(TinyConfig(vocab=vocab, layers=2)))
+    model = parallelize(TinyLM(TinyConfig(vocab=vocab, layers=2)), sequence_parallel=False)
     try:
         load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))
     except (CheckpointMismatchError, CheckpointDamagedError) as error:
@@ -190,7 +190,7 @@ def _pipeline_model(tp, pp):
 
     mpu.initialize(tp=tp, pp=pp)
     torch.manual_seed(0)
-    model = parallelize(TinyLM(CONFIG))
+    model = parallelize(TinyLM(CONFIG), sequence_parallel=False)
     stage = PipelineStage.from_layers(model.blocks, lambda logits, t: torch.nn.functional
                                       .cross_entropy(logits.flatten(0, 1), t.flatten()),
                                       pre=model.embed,

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+import copy
+
 from parallelkit import mpu
-from parallelkit.tensor_parallel import (register_sequence_parallel_grad_hooks,
-                                         sync_sequence_parallel_grads)
+from parallelkit.parallelize import parallelize
+from parallelkit.tensor_parallel import sync_sequence_parallel_grads
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tiny_models import TinyConfig, TinyLM
 from parallelkit.testing.tolerances import assert_close, gradient_scale, transformer_terms
@@ -30,9 +32,10 @@ def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1, over
     torch.manual_seed(0)
     config = TinyConfig()
     dense = TinyLM(config).to(dtype)
-    model = TinyLM.tensor_parallel(dense, state.tp.group, sequence_parallel, overlap_comm)
-    if use_hooks:
-        register_sequence_parallel_grad_hooks(model, state.tp.group)
+    # parallelize registers the sequence-parallel gradient hooks itself.
+    model = parallelize(copy.deepcopy(dense), tp_group=state.tp.group,
+                        sequence_parallel=sequence_parallel, overlap_comm=overlap_comm,
+                        loss_parallel=False)
     for step in range(micro_batches):  # gradients accumulate over micro-batches
         ids, targets = batch(seed=step)
         terms = micro_batches * transformer_terms(ids.numel(), ids.shape[0], config.hidden,
@@ -42,14 +45,16 @@ def _parity(tp, sequence_parallel, dtype, use_hooks=False, micro_batches=1, over
         loss = model.loss(ids, targets)
         loss.backward()
         assert_close(loss, dense_loss, name="loss", terms=terms)
-    if sequence_parallel and not use_hooks:
+    if sequence_parallel and not use_hooks:  # after the hooks, a flat sync must change nothing
+        before = [p.grad.clone() for p in model.parameters()]
         sync_sequence_parallel_grads(model, state.tp.group)
+        assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
 
     dense_params = dict(dense.named_parameters())
     assert dense_params.keys() == dict(model.named_parameters()).keys()
     scale = gradient_scale(dense)
     for name, param in model.named_parameters():
-        dim = expected_shard_dim(name)
+        dim = expected_shard_dim(name) if tp > 1 else None  # at tp=1 nothing is converted
         assert getattr(param, "tp_shard_dim", None) == dim, name
         ref_value, ref_grad = dense_params[name].detach(), dense_params[name].grad
         if dim is not None:

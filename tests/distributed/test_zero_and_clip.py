@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelkit import mpu
+from parallelkit.parallelize import parallelize
 from parallelkit.data_parallel import (DistributedDataParallel, DistributedOptimizer,
                                        clip_grad_norm_)
 from parallelkit.distributed import comm
@@ -170,8 +171,10 @@ def _clip_tp2_pp2_dp2(max_norm, norm_type):
     ids, targets = global_batch(0, b=2 * state.dp.size)
     norms = {}
     for zero in (False, True):
-        # Sequence parallelism: the wrapper must also sum the norms' partial gradients over TP.
-        model = TinyLM.tensor_parallel(dense, state.tp.group, sequence_parallel=True)
+        # Sequence parallelism: the norms' partial gradients are summed over TP by the hooks
+        # parallelize registers; the wrapper must not sum them a second time.
+        model = parallelize(copy.deepcopy(dense), tp_group=state.tp.group, overlap_comm=False,
+                            loss_parallel=False)
         stage = _stage_modules(model, state.pp.rank)
         ddp = DistributedDataParallel(stage, bucket_bytes=SMALL_BUCKETS,
                                       use_distributed_optimizer=zero)

@@ -1,0 +1,74 @@
+"""The structural plan: a standard decoder recognised by its module names, or a clear refusal.
+
+Every ``nn.Linear`` inside the decoder layers must be placed: attention q/k/v (column) and o
+(row), a gated (gate/up column, down row) or plain (fc1/up column, fc2/down row) MLP. The input
+embedding is vocab-parallel, the output embedding the LM head; norms over the full hidden dim
+are sequence-parallel norms; the first decoder layer is where the sequence split starts.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from parallelkit.parallel_styles import (ColwiseParallel, LMHead, PerHeadNorm, RowwiseParallel,
+                                         SequenceParallelEntry, SequenceParallelNorm,
+                                         VocabParallel)
+
+COLUMN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj",
+          "fc1", "c_fc", "w1", "w3", "dense_h_to_4h"}
+ROW = {"o_proj", "out_proj", "down_proj", "fc2", "w2", "dense_4h_to_h"}
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, modules) of the model's stack of decoder layers: its longest ModuleList."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers; pass "
+                         "parallelize(model, plan={pattern: style}) for it")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def structural_plan(model: nn.Module) -> dict:
+    """{pattern: style} for ``model`` by its structure; ValueError naming an unplaceable module."""
+    stack, layers = decoder_layers(model)
+    plan = {}
+    for name, module in layers[0].named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        pattern = f"{stack}.*.{name}"
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            if leaf in COLUMN:
+                plan[pattern] = ColwiseParallel()
+            elif leaf in ROW:
+                plan[pattern] = RowwiseParallel()
+            else:
+                raise ValueError(f"cannot place {stack}.0.{name} ({type(module).__name__}) of "
+                                 f"{type(model).__name__}: not a known column ({sorted(COLUMN)}) "
+                                 f"or row ({sorted(ROW)}) projection; pass a plan for it")
+        elif _is_norm(module):
+            plan[pattern] = (SequenceParallelNorm() if _normalizes_hidden(module, model)
+                             else PerHeadNorm())
+    plan[f"{stack}.0"] = SequenceParallelEntry()
+    names = {m: n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    plan[names[embed]] = VocabParallel()
+    if head is not None:
+        plan[names[head]] = LMHead()
+    final = [n for n, m in model.named_modules() if _is_norm(m) and not n.startswith(stack + ".")
+             and _normalizes_hidden(m, model)]
+    for name in final:
+        plan[name] = SequenceParallelNorm()
+    return plan
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or re.search(
+        r"(RMS|Layer)Norm$", type(module).__name__) is not None
+
+
+def _normalizes_hidden(norm: nn.Module, model: nn.Module) -> bool:
+    """A norm over the whole hidden size (not per head, like Qwen3's q/k norms)."""
+    weight = getattr(norm, "weight", None)
+    hidden = getattr(model.config, "hidden_size", None) if hasattr(model, "config") else None
+    return weight is None or hidden is None or weight.shape[-1] == hidden

@@ -1,0 +1,258 @@
+"""Parallel styles: how one module of a plan is converted, as small classes (in the spirit of
+``torch.distributed.tensor.parallel``'s ``ParallelStyle``).
+
+A plan maps module-name patterns to style instances. A style reads the conversion's options
+(:class:`ParallelOptions`: sequence parallelism, fused overlap, vocab-parallel loss) from the
+:class:`Conversion` it is applied in, so one plan serves every combination of options:
+
+    ColwiseParallel()            nn.Linear → ColumnParallelLinear (output features split)
+    ColwiseParallel(parts=[q, k, v])   a fused projection whose output is [part | part | ...]:
+                                 each rank keeps its slice of every part (its heads of q, k and v)
+    RowwiseParallel()            nn.Linear → RowParallelLinear(input_is_parallel=True)
+    VocabParallel()              nn.Embedding → VocabParallelEmbedding (a scale kept if the
+                                 embedding multiplies its output by ``embed_scale``)
+    LMHead()                     the output projection: vocabulary split; logits gathered unless
+                                 loss_parallel keeps them sharded for the vocab-parallel loss
+    SequenceParallelNorm()       a norm over the full hidden dim: under sequence parallelism it
+                                 sees 1/tp of the tokens, so its parameters are marked for the
+                                 gradient sum over TP
+    PerHeadNorm()                a norm over the head dim (Qwen3's q/k norms): its gradient is
+                                 a partial sum over the ranks' heads, summed over TP
+    SequenceParallelEntry()      the first decoder layer: its input is split along the sequence
+    ContextParallel()            a module called as attention(q, k, v, is_causal=...) →
+                                 ContextParallelAttention
+
+transformers' ``Conv1D`` (GPT-2's ``x W + b``, W stored [in, out]) is accepted wherever
+nn.Linear is and converted to the Linear computing the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallelkit.context_parallel import ContextParallelAttention
+from parallelkit.distributed.context_layout import LAYOUTS
+from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                         VocabParallelEmbedding, mark_sequence_parallel)
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """What a conversion turns on. The defaults are the fastest correct choice at tp > 1."""
+
+    sequence_parallel: bool = True   # activations between TP regions split along the sequence
+    overlap_comm: bool = True        # the fused ring matmuls (needs sequence_parallel)
+    loss_parallel: bool = True       # the LM head keeps its vocabulary shard for the loss
+    cp_layout: str = "zigzag"        # token order of context parallelism
+    chunks_per_rank: int = 1         # pieces per rank in the fused ring matmuls
+
+    def __post_init__(self):
+        if self.overlap_comm and not self.sequence_parallel:
+            raise ValueError("overlap_comm=True fuses the sequence-parallel collectives into the "
+                             "matmuls: it needs sequence_parallel=True")
+        if self.cp_layout not in LAYOUTS:
+            raise ValueError(f"cp_layout={self.cp_layout!r} must be one of {LAYOUTS}")
+
+
+@dataclass
+class Conversion:
+    """One ``parallelize`` call: groups (None = the MPU's, bound at construction), sizes,
+    options, and where the model keeps its sequence dim."""
+
+    tp_group: dist.ProcessGroup | None
+    cp_group: dist.ProcessGroup | None
+    tp: int
+    cp: int
+    options: ParallelOptions
+    sequence_dim: int = 1  # Hugging Face models are batch-first [b, s, h]
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.options.sequence_parallel and self.tp > 1
+
+    def linear_kwargs(self) -> dict:
+        sp = self.sequence_parallel
+        return dict(sequence_parallel=sp, overlap_comm=sp and self.options.overlap_comm,
+                    chunks_per_rank=self.options.chunks_per_rank, tp_group=self.tp_group,
+                    sequence_dim=self.sequence_dim)
+
+
+class ParallelStyle:
+    """Converts one module; ``apply`` returns its replacement (or the module, changed)."""
+
+    needs = "tp"  # the group size that must be > 1 for the style to do anything
+
+    def apply(self, module: nn.Module, conversion: Conversion) -> nn.Module:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class ColwiseParallel(ParallelStyle):
+    """Output features split. ``parts``: the sizes of a fused projection's output blocks
+    ([q | k | v], [gate | up]), or their number when equal, each split across ranks so a rank
+    keeps its slice of every block. (GPT-NeoX's per-head [head: q k v] layout needs none.)"""
+
+    def __init__(self, parts: list[int] | int | None = None):
+        self.parts = parts
+
+    def apply(self, module, conversion):
+        linear = as_linear(module)
+        if self.parts is not None:
+            parts = self.parts
+            if isinstance(parts, int):
+                parts = [linear.out_features // parts] * parts
+            linear = _interleave_parts(linear, parts, conversion.tp)
+        return ColumnParallelLinear.from_dense(linear, **conversion.linear_kwargs())
+
+
+class RowwiseParallel(ParallelStyle):
+    """Input features split; the input is a column-parallel output."""
+
+    def apply(self, module, conversion):
+        return RowParallelLinear.from_dense(as_linear(module), input_is_parallel=True,
+                                            **conversion.linear_kwargs())
+
+
+class VocabParallel(ParallelStyle):
+    """Vocabulary rows split. The output stays whole (an all-reduce): Hugging Face models size
+    their masks and positions from it; the first layer's input is split for sequence
+    parallelism instead (see :class:`SequenceParallelEntry`)."""
+
+    def apply(self, module, conversion):
+        scale = getattr(module, "embed_scale", None)
+        if type(module) is not nn.Embedding and scale is None:
+            raise TypeError(f"{type(module).__name__} is an nn.Embedding subclass with its own "
+                            "forward; VocabParallel converts plain nn.Embedding (or one that "
+                            "multiplies by embed_scale): give its family plan a style for it")
+        layer = VocabParallelEmbedding.from_dense(_plain_embedding(module),
+                                                  tp_group=conversion.tp_group)
+        if scale is not None:
+            layer.register_buffer("embed_scale", scale.detach().clone(), persistent=False)
+            layer.register_forward_hook(lambda m, args, out: out * m.embed_scale.to(out.dtype))
+        return layer
+
+
+class LMHead(ParallelStyle):
+    """The output projection. Logits ``[b, s, V/tp]`` under loss_parallel while a loss is being
+    computed (see ``parallelize``), else gathered to ``[b, s, V]``."""
+
+    def apply(self, module, conversion):
+        head = ColumnParallelLinear.from_dense(as_linear(module), gather_output=True,
+                                               **conversion.linear_kwargs())
+        head.keep_vocab_shard = False  # switched on around a loss-computing forward
+        head.register_forward_pre_hook(_set_gather)
+        return head
+
+
+def _set_gather(head, args):
+    head.gather_output = not head.keep_vocab_shard
+
+
+class SequenceParallelNorm(ParallelStyle):
+    """A norm over the full hidden dim, left as it is; under sequence parallelism it sees this
+    rank's tokens only, so its parameters' gradients are partial sums over TP."""
+
+    def apply(self, module, conversion):
+        if conversion.sequence_parallel:
+            mark_sequence_parallel(*module.parameters())
+        return module
+
+
+class PerHeadNorm(ParallelStyle):
+    """A norm over the head dim applied to every head (Qwen3's q/k norms): it stays as it is,
+    but each rank applies it to its own heads only, so its weight's gradient is a partial sum
+    over TP, summed by the same hooks as sequence-parallel norms."""
+
+    def apply(self, module, conversion):
+        mark_sequence_parallel(*module.parameters())
+        return module
+
+
+class SequenceParallelEntry(ParallelStyle):
+    """The first layer of the TP region: under sequence parallelism its input is split along
+    the sequence (backward: gathered), so the residual stream holds 1/tp of the tokens."""
+
+    def apply(self, module, conversion):
+        if conversion.sequence_parallel:
+            from parallelkit.distributed import mappings
+            from parallelkit.distributed.groups import bind_group
+
+            bound, dim = bind_group(conversion.tp_group, "tp"), conversion.sequence_dim
+
+            def split(layer, args, kwargs):
+                bound.check(layer)
+                if args:
+                    return (mappings.scatter_to_sp_region(args[0], bound.group, dim=dim),
+                            *args[1:]), kwargs
+                kwargs["hidden_states"] = mappings.scatter_to_sp_region(
+                    kwargs["hidden_states"], bound.group, dim=dim)
+                return args, kwargs
+
+            module.register_forward_pre_hook(split, with_kwargs=True)
+        return module
+
+
+class ContextParallel(ParallelStyle):
+    """A module called as ``attention(q, k, v, is_causal=...)`` → ContextParallelAttention."""
+
+    needs = "cp"
+
+    def apply(self, module, conversion):
+        return ContextParallelAttention(conversion.cp_group, conversion.options.cp_layout)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as a plain nn.Linear: itself, or transformers' Conv1D re-expressed."""
+    if type(module) is nn.Linear:
+        return module
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return _linear_from(module.weight.detach().t(), module.bias.detach())
+    raise TypeError(f"{type(module).__name__} is not an nn.Linear (subclasses with their own "
+                    "forward are refused: converting them would drop what their forward adds)")
+
+
+def _interleave_parts(linear: nn.Linear, parts: list[int], tp: int) -> nn.Linear:
+    """Reorder the output features [p_0 | p_1 | ...] to [p_0/r0 p_1/r0 ... | p_0/r1 ...] so a
+    contiguous split of tp gives rank r its slice of every part."""
+    if sum(parts) != linear.out_features:
+        raise ValueError(f"parts {parts} sum to {sum(parts)}, but the projection has "
+                         f"{linear.out_features} output features")
+    bad = [p for p in parts if p % tp]
+    if bad:
+        raise ValueError(f"fused projection parts {parts}: {bad} not divisible by tp={tp}")
+
+    def interleave(t):
+        pieces = [part.chunk(tp, 0) for part in t.split(parts, 0)]
+        return torch.cat([pieces[i][r] for r in range(tp) for i in range(len(parts))], 0)
+
+    bias = None if linear.bias is None else interleave(linear.bias.detach())
+    return _linear_from(interleave(linear.weight.detach()), bias)
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    # skip_init: a temporary must not draw from (and so shift) the caller's RNG stream.
+    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def _plain_embedding(module: nn.Embedding) -> nn.Embedding:
+    if type(module) is nn.Embedding:
+        return module
+    plain = nn.utils.skip_init(nn.Embedding, module.num_embeddings, module.embedding_dim,
+                               module.padding_idx, dtype=module.weight.dtype,
+                               device=module.weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(module.weight)
+    return plain

@@ -192,3 +192,87 @@ def _phi3_with_cp():
 
 def test_phi3_refuses_context_parallelism():
     run_on_ranks(_phi3_with_cp, 4)
+
+
+def _loss_parallel(name, cp):
+    """model(ids, labels=...) on vocab shards (the loss transformers would compute on full
+    logits), and every gradient, against the dense model; without labels the logits are whole."""
+    state = mpu.initialize(tp=2, cp=cp)
+    build = MODELS[name][0]
+    torch.manual_seed(0)
+    dense = build().double()
+    model = parallelize(copy.deepcopy(dense))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 16), generator=g)
+    dense_loss = dense(input_ids=ids, labels=ids).loss
+    dense_loss.backward()
+    shift = next_token_labels(ids, 1)  # what transformers' loss compares position t with
+    local = split_for_context_parallel(ids, state.cp.rank, cp, dim=1)
+    positions = context_parallel_positions(16, state.cp.rank, cp).expand(2, -1)
+    local_shift = split_for_context_parallel(shift, state.cp.rank, cp, dim=1)
+    out = model(input_ids=local, position_ids=positions, shift_labels=local_shift,
+                labels=local_shift)
+    assert out.logits.shape[-1] == 128 // 2  # the shard: the full logits never existed
+    # The loss is a mean over this rank's tokens: weight it by their count to sum over CP.
+    count = (local_shift != -100).sum()
+    total = comm.all_reduce(out.loss.detach() * count, state.cp.group) / (shift != -100).sum()
+    # transformers computes its loss in float32 (it upcasts the logits to float), ours in float64.
+    assert_close(total, dense_loss.detach().double(), dtype=torch.float32, name="loss",
+                 terms=128 + 32)
+    (out.loss * count / (shift != -100).sum()).backward()
+    for p in model.parameters():
+        p.grad = comm.all_reduce(p.grad, state.cp.group)
+    scale = gradient_scale(dense)
+    dense_params = dict(dense.named_parameters())
+    for pname, param in model.named_parameters():
+        ref = expected_shard(pname, dense_params[pname].grad, 2, state.tp.rank,
+                             getattr(param, "tp_shard_dim", None))
+        # the dense gradients went through transformers' float32 loss too
+        assert_close(param.grad, ref, dtype=torch.float32, name=pname, scale=scale,
+                     terms=transformer_terms(32, 16, 64, 128, 128, 2))
+    assert model(input_ids=local, position_ids=positions).logits.shape[-1] == 128
+
+
+@pytest.mark.parametrize("name, cp", [("llama", 1), ("llama", 2), ("gpt2", 1), ("qwen3", 2)])
+def test_loss_parallel_matches_the_dense_loss(name, cp):
+    run_on_ranks(_loss_parallel, 4, name, cp, timeout=180)
+
+
+class _DoubledEmbedding(torch.nn.Embedding):
+    def forward(self, ids):
+        return 2 * super().forward(ids)
+
+
+def _guards():
+    mpu.initialize(tp=2, cp=2)
+    # Gemma's embedding multiplies by sqrt(hidden): kept (8 = sqrt(64)).
+    gemma = parallelize(FAMILY_MODELS["gemma"](), sequence_parallel=False)
+    assert float(gemma.get_input_embeddings().embed_scale) == 8.0
+    # A subclass whose forward differs is refused, naming it.
+    llama = tiny_llama()
+    llama.model.embed_tokens = _DoubledEmbedding(128, 64)
+    with pytest.raises(TypeError, match=r"_DoubledEmbedding is an nn.Embedding subclass"):
+        parallelize(llama)
+    # cp > 1 and a model whose attention cannot be made context-parallel.
+    with pytest.raises(ValueError, match=r"cp=2 but no attention of Sequential was made "
+                                         r"context-parallel"):
+        parallelize(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"0": "colwise"})
+    # A user plan on a transformers model still gets context-parallel attention.
+    qwen = parallelize(FAMILY_MODELS["qwen2"](),
+                       {"model.layers.*.self_attn.[qkv]_proj": "colwise",
+                        "model.layers.*.self_attn.o_proj": "rowwise"})
+    assert qwen.config._attn_implementation == "parallelkit_cp"
+    # Padding cannot be honoured under CP.
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match=r"attention_mask with padding cannot be honoured"):
+        qwen(input_ids=ids, attention_mask=mask)
+    # Sequence parallelism is refused where the family does not support it yet.
+    with pytest.raises(ValueError, match=r"sequence_parallel=True is not supported for "
+                                         r"LlamaForCausalLM"):
+        parallelize(tiny_llama(), sequence_parallel=True)
+
+
+def test_guards_refuse_what_would_differ():
+    run_on_ranks(_guards, 4, timeout=120)

@@ -88,13 +88,8 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self._group.check(self)
-        _check_ids(ids, self.num_embeddings, self.weight.device)
-        if self.sequence_parallel:
-            out_shape = (*ids.shape, self.embedding_dim)
-            dim = mappings.sequence_dim_of("VocabParallelEmbedding", out_shape, self.sequence_dim,
-                                           "output (ids.shape + (embedding_dim,))")
-            mappings.check_sequence_divisible("VocabParallelEmbedding", out_shape, dim, self.tp)
+        # Checked inside the TP ranks' agreement: ids bad on one rank raise on all of them.
+        self._group.check_input(self, lambda: self._check_ids(ids))
         if self.tp == 1:
             out = F.embedding(ids, self.weight, self.padding_idx)
         else:
@@ -103,8 +98,20 @@ class VocabParallelEmbedding(nn.Module):
             out = F.embedding(local_ids, self.weight, self._local_padding_idx())
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # another rank owns these rows
         if self.sequence_parallel:
-            return mappings.reduce_scatter_to_sp_region(out, self.tp_group, dim=dim)
+            return mappings.reduce_scatter_to_sp_region(out, self.tp_group,
+                                                        dim=self._output_sequence_dim(ids))
         return mappings.reduce_from_tp_region(out, self.tp_group)
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        _check_ids(ids, self.num_embeddings, self.weight.device)
+        if self.sequence_parallel:
+            out_shape = (*ids.shape, self.embedding_dim)
+            mappings.check_sequence_divisible("VocabParallelEmbedding", out_shape,
+                                              self._output_sequence_dim(ids), self.tp)
+
+    def _output_sequence_dim(self, ids: torch.Tensor) -> int:
+        return mappings.sequence_dim_of("VocabParallelEmbedding", (*ids.shape, self.embedding_dim),
+                                        self.sequence_dim, "output (ids.shape + (embedding_dim,))")
 
     def _local_padding_idx(self) -> int | None:
         if self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end:

@@ -107,12 +107,23 @@ class _ParallelLinear(nn.Module):
         layer._load_dense(linear)
         return layer
 
-    def _check_input(self, x: torch.Tensor, features: int, hint: str) -> None:
-        self._group.check(self)
-        check_input(type(self).__name__, x, self.weight)
-        if x.dim() == 0 or x.shape[-1] != features:
-            raise ValueError(f"{type(self).__name__} expects inputs [..., {features}] ({hint}), "
-                             f"got shape {tuple(x.shape)}")
+    def _check_input(self, x: torch.Tensor, features: int, hint: str,
+                     split_sequence: bool = False) -> None:
+        """This rank's input checks, run inside the TP ranks' agreement so that an input bad on
+        one rank raises on all of them (one alone raising would leave the others in the
+        collective). ``split_sequence``: the sequence must also divide by tp."""
+        def local_checks():
+            name = type(self).__name__
+            check_input(name, x, self.weight)
+            if x.dim() == 0 or x.shape[-1] != features:
+                raise ValueError(f"{name} expects inputs [..., {features}] ({hint}), "
+                                 f"got shape {tuple(x.shape)}")
+            if self.sequence_parallel:
+                dim = self._sequence_dim(x)
+                if split_sequence:
+                    mappings.check_sequence_divisible(name, x.shape, dim, self.tp)
+
+        self._group.check_input(self, local_checks)
 
     def _sequence_dim(self, x: torch.Tensor) -> int:
         return mappings.sequence_dim_of(type(self).__name__, x.shape, self.sequence_dim)
@@ -222,14 +233,13 @@ class RowParallelLinear(_ParallelLinear):
                                tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_is_parallel:
-            self._check_input(x, self.in_features // self.tp, f"this rank's 1/{self.tp} slice")
+        if self.input_is_parallel:  # (sequence parallelism implies it)
+            self._check_input(x, self.in_features // self.tp, f"this rank's 1/{self.tp} slice",
+                              split_sequence=True)
         else:
             self._check_input(x, self.in_features, "the full input features")
             x = mappings.scatter_to_tp_region(x, self.tp_group)
-        if self.sequence_parallel:
-            dim = self._sequence_dim(x)
-            mappings.check_sequence_divisible(type(self).__name__, x.shape, dim, self.tp)
+        dim = self._sequence_dim(x) if self.sequence_parallel else None
         # The bias is added after the sum, or it would be added tp times.
         if self.overlap_comm:
             self._count_path("fused matmul_reduce_scatter")

@@ -468,3 +468,26 @@ def test_a_layer_input_bad_on_one_rank_raises_on_every_rank():
     mine, other = run_on_ranks(_one_rank_passes_the_full_hidden, 2, timeout=30)
     assert "expects this rank's hidden slice [..., 4], got shape (3, 8)" in other
     assert "rank 1" in mine
+
+
+def _one_rank_bad_linear_and_embedding_input():
+    from parallelkit.tensor_parallel import RowParallelLinear, VocabParallelEmbedding
+
+    state = mpu.initialize(tp=2)
+    row = RowParallelLinear(8, 8, input_is_parallel=True)
+    dtype = torch.float64 if state.tp.rank == 0 else torch.float32
+    with pytest.raises(TypeError) as wrong_dtype:
+        row(torch.randn(3, 4, dtype=dtype))
+    embedding = VocabParallelEmbedding(8, 4)
+    with pytest.raises(IndexError) as out_of_range:
+        embedding(torch.tensor([[9 if state.tp.rank == 1 else 1]]))
+    return str(wrong_dtype.value), str(out_of_range.value)
+
+
+def test_a_linear_or_embedding_input_bad_on_one_rank_raises_on_every_rank():
+    (dtype_0, ids_0), (dtype_1, ids_1) = run_on_ranks(_one_rank_bad_linear_and_embedding_input,
+                                                      2, timeout=30)
+    assert "torch.float32 parameters but got a torch.float64 input" in dtype_0
+    assert "rank 0" in dtype_1
+    assert "token ids must be in [0, 8), got min 9" in ids_1
+    assert "rank 1" in ids_0

@@ -35,7 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelkit.context_parallel import ContextParallelAttention
+from parallelkit.distributed import mappings
 from parallelkit.distributed.context_layout import LAYOUTS
+from parallelkit.distributed.groups import bind_group
 from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                          VocabParallelEmbedding, mark_sequence_parallel)
 
@@ -146,13 +148,8 @@ class LMHead(ParallelStyle):
     def apply(self, module, conversion):
         head = ColumnParallelLinear.from_dense(as_linear(module), gather_output=True,
                                                **conversion.linear_kwargs())
-        head.keep_vocab_shard = False  # switched on around a loss-computing forward
-        head.register_forward_pre_hook(_set_gather)
+        head.is_lm_head = True  # parallelize turns gather_output off around a loss's forward
         return head
-
-
-def _set_gather(head, args):
-    head.gather_output = not head.keep_vocab_shard
 
 
 class SequenceParallelNorm(ParallelStyle):
@@ -181,9 +178,6 @@ class SequenceParallelEntry(ParallelStyle):
 
     def apply(self, module, conversion):
         if conversion.sequence_parallel:
-            from parallelkit.distributed import mappings
-            from parallelkit.distributed.groups import bind_group
-
             bound, dim = bind_group(conversion.tp_group, "tp"), conversion.sequence_dim
 
             def split(layer, args, kwargs):

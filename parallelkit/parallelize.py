@@ -79,8 +79,8 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
                          "pass sequence_parallel=False, or a plan built for it")
     options = ParallelOptions(sequence_parallel, sequence_parallel if overlap_comm is None
                               else overlap_comm, loss_parallel, cp_layout, chunks_per_rank)
-    tp = bind_group(tp_group, "tp").size
-    cp = bind_group(cp_group, "cp").size
+    tp_bound = bind_group(tp_group, "tp")
+    tp, cp = tp_bound.size, bind_group(cp_group, "cp").size
     plan = _resolve_plan(model, plan, family)
     _check_heads(model, family, tp)
     conversion = Conversion(tp_group, cp_group, tp, cp, options,
@@ -105,7 +105,7 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
         _install_context_parallel(model, family, conversion)
     _tie_weights(model)
     if tp > 1:  # norms under SP, per-head norms always: their gradients are partial over TP
-        register_sequence_parallel_grad_hooks(model, bind_group(tp_group, "tp").group)
+        register_sequence_parallel_grad_hooks(model, tp_bound.group)
     if options.loss_parallel and tp > 1:
         _use_vocab_parallel_loss(model, conversion)
     return model
@@ -186,8 +186,7 @@ def _install_context_parallel(model: nn.Module, family: Family | None,
 
 def _use_vocab_parallel_loss(model: nn.Module, conversion: Conversion) -> None:
     """``model(ids, labels=...)`` computes the vocab-parallel loss on sharded logits."""
-    heads = [m for m in model.modules() if isinstance(m, ColumnParallelLinear)
-             and hasattr(m, "keep_vocab_shard")]
+    heads = [m for m in model.modules() if getattr(m, "is_lm_head", False)]
     if not heads or not hasattr(type(model), "loss_function"):
         return  # no converted LM head, or not a transformers model: logits stay gathered
     head, group = heads[0], conversion.tp_group
@@ -196,10 +195,10 @@ def _use_vocab_parallel_loss(model: nn.Module, conversion: Conversion) -> None:
         return causal_lm_loss(logits, labels, tp_group=group, **kwargs)
 
     def before(module, args, kwargs):
-        head.keep_vocab_shard = kwargs.get("labels") is not None
+        head.gather_output = kwargs.get("labels") is None
 
     def after(module, args, kwargs, output):
-        head.keep_vocab_shard = False
+        head.gather_output = True
 
     model.loss_function = loss_function
     model.register_forward_pre_hook(before, with_kwargs=True)

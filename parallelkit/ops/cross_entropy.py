@@ -68,7 +68,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         loss: scalar, or [...] for 'none'; float32 (float64 for float64 logits), equal on every
         TP rank. Its gradient w.r.t. ``logits`` has the logits' dtype.
     """
-    if tp_group is None:  # a bad input is named before a missing MPU
+    if tp_group is None and not mpu.is_initialized():  # a bad input is named before that
         _check_inputs(logits, targets, label_smoothing, reduction)
     group = tp_group if tp_group is not None else mpu.get_tp_group()
 

@@ -164,7 +164,7 @@ def check_replicas_agree(what: str, entries: list[tuple[str, str]], group: dist.
         if local_error is not None:
             raise ValueError(f"{what}: {local_error}")
         return
-    device = _exchange_device(group)
+    device = comm.metadata_device(group)
     text = json.dumps({"entries": entries, "error": local_error})
     digest = int.from_bytes(hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).digest(),
                             "little", signed=True)
@@ -215,12 +215,6 @@ def _all_gather_bytes(payload: bytes, group: dist.ProcessGroup,
     padded[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     gathered = comm.all_gather(padded[None], 0, group).cpu()
     return [bytes(row[:n].tolist()) for row, n in zip(gathered, sizes)]
-
-
-def _exchange_device(group: dist.ProcessGroup) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def unsyncable_parameter(module: nn.Module, group: dist.ProcessGroup) -> str | None:

@@ -264,7 +264,7 @@ def check_ranks_agree(group: dist.ProcessGroup, what: str, *, fix: str = "",
     mine = {key.replace("_", " "): _plain(value) for key, value in values.items()}
     failure = None if error is None else (type(error).__name__, str(error))
     digest = hashlib.blake2b(repr((what, mine, failure is not None)).encode(), digest_size=8)
-    device = _metadata_device(group)
+    device = metadata_device(group)
     sent = torch.tensor([int.from_bytes(digest.digest(), "little", signed=True)], device=device)
     digests = torch.empty(p, dtype=torch.int64, device=device)
     _all_gather_single(digests, sent, group=group)
@@ -284,7 +284,7 @@ def all_gather_ints(group: dist.ProcessGroup, *values: int) -> tuple:
     """Every member's ``values`` in group-rank order: a tuple of ints per member when several are
     given, else one int per member. Every member must pass as many; metadata, so not counted
     by :func:`count_traffic`. On the GPU it waits for the result (a host sync)."""
-    p, device = dist.get_world_size(group), _metadata_device(group)
+    p, device = dist.get_world_size(group), metadata_device(group)
     sent = torch.tensor(values, dtype=torch.int64, device=device)
     if p == 1:
         gathered = sent[None]
@@ -306,8 +306,9 @@ def _plain(value):
     return value
 
 
-def _metadata_device(group: dist.ProcessGroup) -> torch.device:
-    """Where the check's tiny tensor lives: the CPU, unless the group runs NCCL only."""
+def metadata_device(group: dist.ProcessGroup) -> torch.device:
+    """Where a tiny metadata tensor for ``group`` lives: the CPU, unless the group runs NCCL
+    only (then the group's bound device, else the current CUDA device)."""
     backend = dist.get_backend(group)
     if "nccl" not in backend or "gloo" in backend:
         return torch.device("cpu")

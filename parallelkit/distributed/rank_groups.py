@@ -50,9 +50,9 @@ class Layout:
     @classmethod
     def create(cls, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
                dp: int | None = None, order: str = DEFAULT_ORDER) -> "Layout":
-        _check_positive_int("world_size", world_size)
+        check_positive_int("world_size", world_size)
         for name, size in (("tp", tp), ("pp", pp), ("cp", cp)):
-            _check_positive_int(name, size)
+            check_positive_int(name, size)
         model_size = tp * pp * cp
         if dp is None:
             if world_size % model_size:
@@ -60,7 +60,7 @@ class Layout:
                     f"world_size={world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = "
                     f"{model_size}; choose sizes whose product divides the number of processes")
             dp = world_size // model_size
-        _check_positive_int("dp", dp)
+        check_positive_int("dp", dp)
         if tp * pp * cp * dp != world_size:
             raise ValueError(
                 f"tp*pp*cp*dp = {tp}*{pp}*{cp}*{dp} = {tp * pp * cp * dp} does not equal "
@@ -145,6 +145,7 @@ def _mixed_radix_values(axes: list[str], layout: Layout, strides: dict[str, int]
     return values
 
 
-def _check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> None:
+    """``value`` must be an int (not a bool or a float) >= 1, or a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")

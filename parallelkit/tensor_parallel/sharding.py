@@ -12,12 +12,13 @@ import math
 import torch
 import torch.distributed as dist
 
+from parallelkit.distributed import rank_groups
 
-def check_positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
-    """``value`` must be an int (not a bool or a float) >= ``minimum``: caught at construction,
-    not as a raw error deep in a kernel or a pybind signature later."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner} {name}={value!r} must be an integer >= {minimum}")
+
+def check_positive_int(owner: str, name: str, value) -> None:
+    """``value`` must be an int (not a bool or a float) >= 1: caught at construction, not as a
+    raw error deep in a kernel or a pybind signature later."""
+    rank_groups.check_positive_int(f"{owner} {name}", value)
 
 
 def check_eps(owner: str, eps, allow_none: bool = False) -> None:

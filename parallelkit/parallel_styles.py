@@ -18,7 +18,18 @@ A plan maps module-name patterns to style instances. A style reads the conversio
                                  gradient sum over TP
     PerHeadNorm()                a norm over the head dim (Qwen3's q/k norms): its gradient is
                                  a partial sum over the ranks' heads, summed over TP
+    ShardedNorm()                a norm over a column layer's whole (sharded) output (OLMo-2's
+                                 q/k norms) → ParallelRMSNorm / ParallelLayerNorm, statistics
+                                 summed over TP
     SequenceParallelEntry()      the first decoder layer: its input is split along the sequence
+                                 (a plan with one supports sequence parallelism)
+    SequenceParallelExit()       a final norm whose output is gathered again (for models that
+                                 reshape it assuming the whole sequence), before an
+                                 ``LMHead(sequence_parallel=False)``
+    ParallelRegion()             a module that starts with column layers and ends with row
+                                 layers (attention, MLP): under sequence parallelism its input is
+                                 gathered once on entry, fused into its column matmuls with
+                                 overlap_comm (``tensor_parallel/region.py``)
     ContextParallel()            a module called as attention(q, k, v, is_causal=...) →
                                  ContextParallelAttention
 
@@ -38,8 +49,10 @@ from parallelkit.context_parallel import ContextParallelAttention
 from parallelkit.distributed import mappings
 from parallelkit.distributed.context_layout import LAYOUTS
 from parallelkit.distributed.groups import bind_group
-from parallelkit.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+from parallelkit.tensor_parallel import (ColumnParallelLinear, ParallelLayerNorm,
+                                         ParallelRMSNorm, RowParallelLinear,
                                          VocabParallelEmbedding, mark_sequence_parallel)
+from parallelkit.tensor_parallel.region import install_region
 
 
 @dataclass(frozen=True)
@@ -143,11 +156,18 @@ class VocabParallel(ParallelStyle):
 
 class LMHead(ParallelStyle):
     """The output projection. Logits ``[b, s, V/tp]`` under loss_parallel while a loss is being
-    computed (see ``parallelize``), else gathered to ``[b, s, V]``."""
+    computed (see ``parallelize``), else gathered to ``[b, s, V]``. Under sequence parallelism
+    it gathers the sequence itself (fused with overlap_comm), unless ``sequence_parallel=False``
+    says a :class:`SequenceParallelExit` before it has gathered it already."""
+
+    def __init__(self, sequence_parallel: bool = True):
+        self.sequence_parallel = sequence_parallel
 
     def apply(self, module, conversion):
-        head = ColumnParallelLinear.from_dense(as_linear(module), gather_output=True,
-                                               **conversion.linear_kwargs())
+        kwargs = conversion.linear_kwargs()
+        if not self.sequence_parallel:
+            kwargs.update(sequence_parallel=False, overlap_comm=False)
+        head = ColumnParallelLinear.from_dense(as_linear(module), gather_output=True, **kwargs)
         head.is_lm_head = True  # parallelize turns gather_output off around a loss's forward
         return head
 
@@ -162,6 +182,25 @@ class SequenceParallelNorm(ParallelStyle):
         return module
 
 
+class SequenceParallelExit(SequenceParallelNorm):
+    """The final norm of a model that reshapes its output assuming the whole sequence (GPT-2
+    views it as ``[-1, s, h]``): a sequence-parallel norm whose output is gathered along the
+    sequence, for an ``LMHead(sequence_parallel=False)`` after it. (Backward: the head's
+    gradient is whole on every rank, so each keeps its part.)"""
+
+    def apply(self, module, conversion):
+        module = super().apply(module, conversion)
+        if conversion.sequence_parallel:
+            bound, dim = bind_group(conversion.tp_group, "tp"), conversion.sequence_dim
+
+            def gather(norm, args, output):
+                return mappings.gather_from_sp_region(output, bound.group, tp_output_grad=False,
+                                                      dim=dim)
+
+            module.register_forward_hook(gather)
+        return module
+
+
 class PerHeadNorm(ParallelStyle):
     """A norm over the head dim applied to every head (Qwen3's q/k norms): it stays as it is,
     but each rank applies it to its own heads only, so its weight's gradient is a partial sum
@@ -170,6 +209,17 @@ class PerHeadNorm(ParallelStyle):
     def apply(self, module, conversion):
         mark_sequence_parallel(*module.parameters())
         return module
+
+
+class ShardedNorm(ParallelStyle):
+    """A norm over an activation whose features are split across TP (a column layer's output):
+    each rank holds a slice of every row, so the statistics are summed over TP
+    (ParallelRMSNorm / ParallelLayerNorm keep this rank's slice of the weight)."""
+
+    def apply(self, module, conversion):
+        if isinstance(module, nn.LayerNorm):
+            return ParallelLayerNorm.from_dense(module, tp_group=conversion.tp_group)
+        return ParallelRMSNorm.from_dense(as_rms_norm(module), tp_group=conversion.tp_group)
 
 
 class SequenceParallelEntry(ParallelStyle):
@@ -193,6 +243,21 @@ class SequenceParallelEntry(ParallelStyle):
         return module
 
 
+class ParallelRegion(ParallelStyle):
+    """A module whose column layers take its input and whose row layers make its output (a
+    transformers attention or MLP). Under sequence parallelism it receives this rank's tokens;
+    its input is gathered along the sequence on entry, so the module runs on the whole sequence
+    (its own shape arithmetic included), and its row layers reduce-scatter the output."""
+
+    def apply(self, module, conversion):
+        if conversion.sequence_parallel:
+            install_region(module, tp_group=conversion.tp_group,
+                           sequence_dim=conversion.sequence_dim,
+                           overlap_comm=conversion.options.overlap_comm,
+                           chunks_per_rank=conversion.options.chunks_per_rank)
+        return module
+
+
 class ContextParallel(ParallelStyle):
     """A module called as ``attention(q, k, v, is_causal=...)`` → ContextParallelAttention."""
 
@@ -210,6 +275,32 @@ def as_linear(module: nn.Module) -> nn.Linear:
         return _linear_from(module.weight.detach().t(), module.bias.detach())
     raise TypeError(f"{type(module).__name__} is not an nn.Linear (subclasses with their own "
                     "forward are refused: converting them would drop what their forward adds)")
+
+
+def as_rms_norm(module: nn.Module) -> nn.RMSNorm:
+    """``module`` as an nn.RMSNorm: itself, or a transformers RMSNorm class (weight and
+    ``variance_epsilon``/``eps``) after a probe shows it computes ``w * x / rms(x)`` (Gemma's
+    ``(1 + w)`` form, for one, does not and is refused)."""
+    if isinstance(module, nn.RMSNorm) and type(module).forward is nn.RMSNorm.forward:
+        return module
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if weight is None or weight.dim() != 1 or eps is None:
+        raise TypeError(f"{type(module).__name__} is not an RMSNorm this style can convert (it "
+                        "needs a 1-D weight and variance_epsilon or eps); give the plan a style "
+                        "for it")
+    norm = nn.RMSNorm(weight.shape[0], eps=eps, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float32).to(weight)
+        # transformers' norms compute in float32: compare at float32's resolution
+        same = torch.allclose(module(probe).float(), norm(probe).float(), rtol=1e-4, atol=1e-5)
+    if not same:
+        raise TypeError(f"{type(module).__name__} does not compute weight * x / rms(x) (probed "
+                        "on a fixed input); ShardedNorm would change its output: give the plan "
+                        "a style for it")
+    return norm
 
 
 def _interleave_parts(linear: nn.Linear, parts: list[int], tp: int) -> nn.Linear:

@@ -34,7 +34,7 @@ from parallelkit.models import Family, config_heads, family_of
 from parallelkit.models.decoder import structural_plan
 from parallelkit.parallel_styles import (ColwiseParallel, ContextParallel, Conversion, LMHead,
                                          ParallelOptions, ParallelStyle, RowwiseParallel,
-                                         VocabParallel)
+                                         SequenceParallelEntry, VocabParallel)
 from parallelkit.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                          register_sequence_parallel_grad_hooks)
 from parallelkit.tensor_parallel.cross_entropy import causal_lm_loss
@@ -59,7 +59,9 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
     Args:
         plan: {pattern: ParallelStyle or style name}; default: the family's or structural plan.
         sequence_parallel: split activations between TP regions along the sequence (norms and
-            residuals on 1/tp of the tokens); default: on where the family supports it.
+            residuals on 1/tp of the tokens); default: on where the plan supports it (it has a
+            SequenceParallelEntry; the built-in plans do). The sequence must divide by tp, and
+            ``logits_to_keep`` (generation) is refused: convert with False for generation.
         overlap_comm: the fused ring matmuls (default: on with sequence parallelism).
         loss_parallel: the LM head keeps its vocabulary shard when a loss is computed
             (``model(ids, labels=...)``; logits are then ``[b, s, V/tp]``); without labels the
@@ -70,18 +72,19 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
             split the same way (the next token of a rank's last one lives on another rank).
     """
     family = family_of(model)
-    supported = family is not None and family.sequence_parallel
+    plan = _resolve_plan(model, plan, family)
+    splits = any(isinstance(style, SequenceParallelEntry) for style in plan.values())
     if sequence_parallel is None:
-        sequence_parallel = supported
-    elif sequence_parallel and not supported and plan is None:
-        raise ValueError(f"sequence_parallel=True is not supported for {type(model).__name__} "
-                         "yet (its attention sizes heads from its own sequence-split input); "
-                         "pass sequence_parallel=False, or a plan built for it")
+        sequence_parallel = splits
+    elif sequence_parallel and not splits:
+        raise ValueError(f"sequence_parallel=True, but the plan for {type(model).__name__} has no "
+                         "SequenceParallelEntry (where the sequence split starts) and so does "
+                         "not support it: add one, with ParallelRegion on the modules that "
+                         "call the column layers, or pass sequence_parallel=False")
     options = ParallelOptions(sequence_parallel, sequence_parallel if overlap_comm is None
                               else overlap_comm, loss_parallel, cp_layout, chunks_per_rank)
     tp_bound = bind_group(tp_group, "tp")
     tp, cp = tp_bound.size, bind_group(cp_group, "cp").size
-    plan = _resolve_plan(model, plan, family)
     _check_heads(model, family, tp)
     conversion = Conversion(tp_group, cp_group, tp, cp, options,
                             family.sequence_dim if family else 1)
@@ -106,6 +109,8 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
     _tie_weights(model)
     if tp > 1:  # norms under SP, per-head norms always: their gradients are partial over TP
         register_sequence_parallel_grad_hooks(model, tp_bound.group)
+    if conversion.sequence_parallel:
+        model.register_forward_pre_hook(_refuse_partial_logits, with_kwargs=True)
     if options.loss_parallel and tp > 1:
         _use_vocab_parallel_loss(model, conversion)
     return model
@@ -203,6 +208,14 @@ def _use_vocab_parallel_loss(model: nn.Module, conversion: Conversion) -> None:
     model.loss_function = loss_function
     model.register_forward_pre_hook(before, with_kwargs=True)
     model.register_forward_hook(after, with_kwargs=True)
+
+
+def _refuse_partial_logits(model, args, kwargs):
+    keep = kwargs.get("logits_to_keep")
+    if keep is not None and not (isinstance(keep, int) and keep == 0):
+        raise ValueError(f"logits_to_keep={keep!r} (generation) under sequence parallelism: each "
+                         "rank holds 1/tp of the positions, so 'the last ones' are not its own; "
+                         "convert a model for generation with sequence_parallel=False")
 
 
 def shard_batch(ids: torch.Tensor, cp_group: dist.ProcessGroup, dim: int,

@@ -3,7 +3,10 @@
 The single-process model trains on the whole batch in this process. The same model, converted by
 ``parallelize`` for TP × CP and wrapped for DP (gradients averaged over DP × CP), trains on
 ``world`` forked gloo ranks (or the ranks ``torchrun`` launched): each rank gets its DP share of the
-sequences and its zigzag CP share of their tokens. With ``pp > 1`` the repo's TinyLM (a GPT) is
+sequences and its zigzag CP share of their tokens. The conversion takes the fast path
+(parallelize's defaults): sequence parallelism, the fused ring matmuls of ``csrc/`` and the
+vocab-parallel cross-entropy through ``model(ids, labels=...)``; the report names the paths the
+TP layers actually ran. With ``pp > 1`` the repo's TinyLM (a GPT) is
 split into pipeline stages instead and trained with the 1F1B schedule over micro-batches (TP × PP
 × DP). Same seed, same data, same AdamW: the curves match to float32 rounding, and the table and
 PNG show it.
@@ -94,9 +97,9 @@ def train_single(cfg: DemoConfig, progress: bool = True) -> list[float]:
     return losses
 
 
-def train_parallel(cfg: DemoConfig, progress: bool = True) -> list[float]:
+def train_parallel(cfg: DemoConfig, progress: bool = True) -> tuple[list[float], list[str]]:
     """On one rank: TP × CP via parallelize, DP via the bucketed wrapper. Returns the global loss
-    of every step (identical on all ranks)."""
+    of every step (identical on all ranks) and the paths the TP layers ran."""
     from tqdm import tqdm
 
     from parallelkit.context_parallel import context_parallel_positions
@@ -119,8 +122,11 @@ def train_parallel(cfg: DemoConfig, progress: bool = True) -> list[float]:
         tokens = int((labels != -100).sum())
         ids, labels = (shard_batch(t.chunk(dp)[dp_rank], state.cp.group, dim=1)
                        for t in (ids, labels))
-        logits = model(input_ids=ids, position_ids=positions).logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        # labels are already next-token ids (shift_labels: split with the tokens, not shifted
+        # again); the loss is the vocab-parallel mean over this rank's tokens.
+        loss = model(input_ids=ids, position_ids=positions, labels=labels,
+                     shift_labels=labels).loss
+        loss_sum = loss * (labels != -100).sum()
         # The wrapper averages gradients over DP x CP; scaling by its size makes that average
         # the gradient of the mean over every token of the global batch.
         (loss_sum * sync_size / tokens).backward()
@@ -128,13 +134,19 @@ def train_parallel(cfg: DemoConfig, progress: bool = True) -> list[float]:
         optimizer.step()
         model.zero_grad_buffer()
         losses.append(comm.all_reduce(loss_sum.detach(), sync_group).item() / tokens)
-    return losses
+    return losses, layer_paths(model)
 
 
-def train_pipeline(cfg: DemoConfig, progress: bool = True) -> list[float]:
+def layer_paths(model: torch.nn.Module) -> list[str]:
+    """Every path the TP layers of ``model`` took (their ``calls_by_path``)."""
+    return sorted(set().union(*(m.calls_by_path for m in model.modules()
+                                if hasattr(m, "calls_by_path"))))
+
+
+def train_pipeline(cfg: DemoConfig, progress: bool = True) -> tuple[list[float], list[str]]:
     """On one rank: TinyLM converted for TP, its blocks split into pp stages run by the 1F1B
     schedule over one-sequence micro-batches, gradients averaged over DP. Returns the global
-    loss of every step (identical on all ranks)."""
+    loss of every step (identical on all ranks) and the paths the TP layers ran."""
     from tqdm import tqdm
 
     from parallelkit.data_parallel import DistributedDataParallel
@@ -163,14 +175,15 @@ def train_pipeline(cfg: DemoConfig, progress: bool = True) -> list[float]:
         optimizer.step()
         synced.zero_grad_buffer()
         losses.append(comm.all_reduce(loss.float(), state.dp.group).item() / dp)
-    return losses
+    return losses, layer_paths(model)
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def report(cfg: DemoConfig, parallel: list[float], single: list[float]) -> tuple[str, float]:
+def report(cfg: DemoConfig, parallel: list[float], single: list[float],
+           paths: list[str] = ()) -> tuple[str, float]:
     diff = max(abs(a - b) for a, b in zip(parallel, single))
     dp = cfg.world // (cfg.tp * cfg.cp * cfg.pp)
     if cfg.pp == 1:
@@ -180,7 +193,8 @@ def report(cfg: DemoConfig, parallel: list[float], single: list[float]) -> tuple
         model = f"TinyLM GPT ({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads)"
         layout = f"tp {cfg.tp} x pp {cfg.pp} (1F1B) x dp {dp}"
     lines = [f"{model}, {cfg.steps} AdamW steps of {cfg.batch} x {cfg.seq} tokens",
-             f"parallel: {cfg.world} gloo ranks = {layout}; single: one process, whole batch", "",
+             f"parallel: {cfg.world} gloo ranks = {layout}; single: one process, whole batch",
+             *([f"TP layers ran: {'; '.join(paths)}"] if paths else []), "",
              " step   parallel     single   |diff|"]
     for step, (a, b) in enumerate(zip(parallel, single)):
         if step < 5 or step % 5 == 4 or step == len(single) - 1:
@@ -214,12 +228,12 @@ def run(cfg: DemoConfig, png: str | None, tolerance: float = 1e-4) -> bool:
     with LocalWorld(cfg.world) as world:  # fork before this process does anything heavy
         single = train_single(cfg)
         job = train_parallel if cfg.pp == 1 else train_pipeline
-        parallel = world.run(job, cfg, timeout=1800)[0]
-    return _finish(cfg, parallel, single, png, tolerance)
+        parallel, paths = world.run(job, cfg, timeout=1800)[0]
+    return _finish(cfg, parallel, single, png, tolerance, paths)
 
 
-def _finish(cfg, parallel, single, png, tolerance) -> bool:
-    text, diff = report(cfg, parallel, single)
+def _finish(cfg, parallel, single, png, tolerance, paths=()) -> bool:
+    text, diff = report(cfg, parallel, single, paths)
     print(text)
     if png:
         plot(parallel, single, png, text.splitlines()[1].split("= ")[1].split(";")[0]
@@ -234,10 +248,10 @@ def _run_under_torchrun(cfg: DemoConfig, png, tolerance) -> bool:
     dist.init_process_group("gloo")  # CPU demo; the layers also run on NCCL with CUDA tensors
     try:
         cfg = DemoConfig(**{**asdict(cfg), "world": dist.get_world_size()})
-        parallel = (train_parallel if cfg.pp == 1 else train_pipeline)(cfg)
+        parallel, paths = (train_parallel if cfg.pp == 1 else train_pipeline)(cfg)
         if dist.get_rank() != 0:
             return True
-        return _finish(cfg, parallel, train_single(cfg), png, tolerance)
+        return _finish(cfg, parallel, train_single(cfg), png, tolerance, paths)
     finally:
         from parallelkit.distributed import mpu
 

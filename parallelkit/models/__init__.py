@@ -25,10 +25,6 @@ class Family:
     after_conversion: Callable | None = None       # (model, conversion) -> None
     sequence_dim: int = 1                          # batch-first [b, s, h]
     attention_interface: bool = True               # CP through transformers' attention registry
-    # Sequence parallelism needs the attention and MLP to take the gathered sequence; transformers'
-    # attention modules size their heads from their own (split) input, so for those families it
-    # waits for a gather at the attention/MLP entry (not yet built).
-    sequence_parallel: bool = False
     context_parallel: bool = True                  # False: cp > 1 is refused (not verified)
 
 

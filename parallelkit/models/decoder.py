@@ -1,9 +1,13 @@
 """The structural plan: a standard decoder recognised by its module names, or a clear refusal.
 
 Every ``nn.Linear`` inside the decoder layers must be placed: attention q/k/v (column) and o
-(row), a gated (gate/up column, down row) or plain (fc1/up column, fc2/down row) MLP. The input
-embedding is vocab-parallel, the output embedding the LM head; norms over the full hidden dim
-are sequence-parallel norms; the first decoder layer is where the sequence split starts.
+(row), a gated (gate/up column, down row) or plain (fc1/up column, fc2/down row) MLP. The modules
+that call them (attention, MLP) are parallel regions. The input embedding is vocab-parallel, the
+output embedding the LM head. Norms are placed by where they act: a norm of the decoder layer
+itself (or after the stack) sees the residual stream, so it is a sequence-parallel norm; a norm
+inside the attention acts on a column layer's sharded output: per head (Qwen3's q/k norms over
+the head dim) it stays as it is, over the whole projection (OLMo-2's) it becomes a parallel norm
+whose statistics span the TP ranks. The first decoder layer is where the sequence split starts.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import re
 
 from torch import nn
 
-from parallelkit.parallel_styles import (ColwiseParallel, LMHead, PerHeadNorm, RowwiseParallel,
-                                         SequenceParallelEntry, SequenceParallelNorm,
-                                         VocabParallel)
+from parallelkit.models import config_heads
+from parallelkit.parallel_styles import (ColwiseParallel, LMHead, ParallelRegion, PerHeadNorm,
+                                         RowwiseParallel, SequenceParallelEntry,
+                                         SequenceParallelNorm, ShardedNorm, VocabParallel)
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj",
           "fc1", "c_fc", "w1", "w3", "dense_h_to_4h"}
@@ -33,13 +38,14 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def structural_plan(model: nn.Module) -> dict:
     """{pattern: style} for ``model`` by its structure; ValueError naming an unplaceable module."""
     stack, layers = decoder_layers(model)
-    plan = {}
+    plan, regions = {}, set()
     for name, module in layers[0].named_modules():
         leaf = name.rsplit(".", 1)[-1]
         pattern = f"{stack}.*.{name}"
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             if leaf in COLUMN:
                 plan[pattern] = ColwiseParallel()
+                regions.add(name.rpartition(".")[0])
             elif leaf in ROW:
                 plan[pattern] = RowwiseParallel()
             else:
@@ -47,9 +53,11 @@ def structural_plan(model: nn.Module) -> dict:
                                  f"{type(model).__name__}: not a known column ({sorted(COLUMN)}) "
                                  f"or row ({sorted(ROW)}) projection; pass a plan for it")
         elif _is_norm(module):
-            plan[pattern] = (SequenceParallelNorm() if _normalizes_hidden(module, model)
-                             else PerHeadNorm())
-    plan[f"{stack}.0"] = SequenceParallelEntry()
+            plan[pattern] = _norm_style(name, module, model)
+    for region in sorted(regions - {""}):
+        plan[f"{stack}.*.{region}"] = ParallelRegion()
+    if "" not in regions:  # column layers called by the layer itself cannot see the whole sequence
+        plan[f"{stack}.0"] = SequenceParallelEntry()
     names = {m: n for n, m in model.named_modules()}
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     plan[names[embed]] = VocabParallel()
@@ -65,6 +73,20 @@ def structural_plan(model: nn.Module) -> dict:
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or re.search(
         r"(RMS|Layer)Norm$", type(module).__name__) is not None
+
+
+def _norm_style(name: str, norm: nn.Module, model: nn.Module):
+    """A norm of decoder layer 0 at ``name``: placed by where it acts (see the module docstring)."""
+    if "." not in name:
+        return SequenceParallelNorm()
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise ValueError(f"cannot place the norm {name} ({type(norm).__name__}) of "
+                         f"{type(model).__name__}: it has no weight to tell whether it acts per "
+                         "head or over a whole sharded projection; pass a plan for it")
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config_heads(model)[0]
+    return PerHeadNorm() if weight.shape[-1] == head_dim else ShardedNorm()
 
 
 def _normalizes_hidden(norm: nn.Module, model: nn.Module) -> bool:

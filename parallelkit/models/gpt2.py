@@ -4,8 +4,9 @@ parts are split so each rank keeps its heads of all three, learned positions, ti
 from torch import nn
 
 from parallelkit.models import Family, config_heads
-from parallelkit.parallel_styles import (ColwiseParallel, LMHead, RowwiseParallel,
-                                         SequenceParallelEntry, SequenceParallelNorm,
+from parallelkit.parallel_styles import (ColwiseParallel, LMHead, ParallelRegion,
+                                         RowwiseParallel, SequenceParallelEntry,
+                                         SequenceParallelExit, SequenceParallelNorm,
                                          VocabParallel)
 
 
@@ -15,12 +16,15 @@ def plan(model: nn.Module) -> dict:
         "transformer.wte": VocabParallel(),
         "transformer.h.0": SequenceParallelEntry(),
         "transformer.h.*.ln_[12]": SequenceParallelNorm(),
+        "transformer.h.*.attn": ParallelRegion(),
+        "transformer.h.*.mlp": ParallelRegion(),
         "transformer.h.*.attn.c_attn": ColwiseParallel(parts=[hidden] * 3),
         "transformer.h.*.attn.c_proj": RowwiseParallel(),
         "transformer.h.*.mlp.c_fc": ColwiseParallel(),
         "transformer.h.*.mlp.c_proj": RowwiseParallel(),
-        "transformer.ln_f": SequenceParallelNorm(),
-        "lm_head": LMHead(),
+        # GPT2Model views ln_f's output as [-1, s, h], s from the input ids: gather it first.
+        "transformer.ln_f": SequenceParallelExit(),
+        "lm_head": LMHead(sequence_parallel=False),
     }
 
 

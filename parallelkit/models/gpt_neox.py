@@ -4,9 +4,9 @@ contiguous column split already hands each rank whole heads; parallel residual n
 from torch import nn
 
 from parallelkit.models import Family, config_heads
-from parallelkit.parallel_styles import (ColwiseParallel, LMHead, RowwiseParallel,
-                                         SequenceParallelEntry, SequenceParallelNorm,
-                                         VocabParallel)
+from parallelkit.parallel_styles import (ColwiseParallel, LMHead, ParallelRegion,
+                                         RowwiseParallel, SequenceParallelEntry,
+                                         SequenceParallelNorm, VocabParallel)
 
 
 def plan(model: nn.Module) -> dict:
@@ -15,6 +15,8 @@ def plan(model: nn.Module) -> dict:
         "gpt_neox.embed_in": VocabParallel(),
         "gpt_neox.layers.0": SequenceParallelEntry(),
         "gpt_neox.layers.*.*_layernorm": SequenceParallelNorm(),
+        "gpt_neox.layers.*.attention": ParallelRegion(),
+        "gpt_neox.layers.*.mlp": ParallelRegion(),
         "gpt_neox.layers.*.attention.query_key_value": ColwiseParallel(),
         "gpt_neox.layers.*.attention.dense": RowwiseParallel(),
         "gpt_neox.layers.*.mlp.dense_h_to_4h": ColwiseParallel(),

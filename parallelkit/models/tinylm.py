@@ -34,4 +34,4 @@ def after_conversion(model: nn.Module, conversion) -> None:
 
 
 FAMILIES = [Family("tinylm", ("TinyLM",), plan, heads, after_conversion, sequence_dim=0,
-                   attention_interface=False, sequence_parallel=True)]
+                   attention_interface=False)]

@@ -22,6 +22,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class AllGatherMatmulFunction(torch.autograd.Function):
+    """(``y``, the gathered ``x``): the ring produces the gathered input anyway, and a caller that
+    also needs it (a region whose module reads the whole sequence) gets it without a second
+    all-gather. Its gradient, if it is used, is reduce-scattered into ``x``'s."""
+
     @staticmethod
     def forward(ctx, x, weight, group, chunks_per_rank):
         tp = dist.get_world_size(group)
@@ -29,17 +33,25 @@ class AllGatherMatmulFunction(torch.autograd.Function):
         y, gathered = native.all_gather_matmul(_rows(x), weight, group, chunks_per_rank)
         ctx.save_for_backward(gathered, weight)
         ctx.group, ctx.chunks, ctx.x_shape = group, chunks_per_rank, x.shape
-        return y.view(tp * x.shape[0], *x.shape[1:-1], weight.shape[0])
+        ctx.set_materialize_grads(False)
+        lead = (tp * x.shape[0], *x.shape[1:-1])
+        return y.view(*lead, weight.shape[0]), gathered.view(*lead, x.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_gathered):
         gathered, weight = ctx.saved_tensors
-        grad_rows = _rows(grad_y)
-        comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
-                            grad_y.element_size(), ctx.group)
-        grad_x = native.matmul_reduce_scatter(grad_rows, weight.t(), ctx.group, ctx.chunks)
-        grad_weight = grad_rows.t() @ gathered
-        return grad_x.view(ctx.x_shape), grad_weight, None, None
+        grad_x = grad_weight = None
+        if grad_y is not None:
+            grad_rows = _rows(grad_y)
+            comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
+                                grad_y.element_size(), ctx.group)
+            grad_x = native.matmul_reduce_scatter(grad_rows, weight.t(), ctx.group, ctx.chunks)
+            grad_weight = grad_rows.t() @ gathered
+        if grad_gathered is not None:
+            more = comm.reduce_scatter(_rows(grad_gathered), 0, ctx.group)
+            grad_x = more if grad_x is None else grad_x + more
+        grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
+        return grad_x, grad_weight, None, None
 
 
 class MatmulReduceScatterFunction(torch.autograd.Function):
@@ -72,6 +84,14 @@ def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, group: dist.Process
     Returns ``[s, b, n]``. ``(s/tp) * b`` must divide by ``chunks_per_rank``. Every rank's x
     travels the ring: the ranks must agree on its shape and dtype, and on ``chunks_per_rank``.
     """
+    return all_gather_matmul_and_input(x, weight, group, chunks_per_rank)[0]
+
+
+def all_gather_matmul_and_input(x: torch.Tensor, weight: torch.Tensor,
+                                group: dist.ProcessGroup, chunks_per_rank: int = 1
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`all_gather_matmul` that also returns the gathered ``x`` (``[s, b, k]``), which
+    the ring assembles anyway; both outputs are differentiable."""
     comm.check_ranks_agree(group, "all_gather_matmul", ranks="tensor-parallel",
                            x_shape=x.shape, dtype=x.dtype, chunks_per_rank=chunks_per_rank,
                            fix="every TP rank must pass its s/tp tokens of the same batch (equal "

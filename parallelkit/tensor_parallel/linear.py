@@ -162,6 +162,7 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, sequence_parallel, overlap_comm,
                          chunks_per_rank, tp_group, init_method, device, dtype, skip_init,
                          sequence_dim=sequence_dim)
+        self.region_call = None  # set while a sequence-parallel region runs (see region.py)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, gather_output: bool = False,
@@ -175,6 +176,8 @@ class ColumnParallelLinear(_ParallelLinear):
                                tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.region_call is not None:
+            return self._forward_in_region(x)
         self._check_input(x, self.in_features, "the full input features")
         if self.overlap_comm:
             self._count_path("fused all_gather_matmul")
@@ -189,6 +192,26 @@ class ColumnParallelLinear(_ParallelLinear):
                 self._count_path("matmul (all-reduce in backward)")
                 x = mappings.copy_to_tp_region(x, self.tp_group)
             y = F.linear(x, self.weight, self.bias)
+        return mappings.gather_from_tp_region(y, self.tp_group) if self.gather_output else y
+
+    def _forward_in_region(self, x: torch.Tensor) -> torch.Tensor:
+        """Inside a sequence-parallel region (``region.py``): ``x`` is the sequence the region
+        gathered on entry (whose backward reduce-scatters this layer's input gradient), and
+        with overlap_comm the region's fused ring has computed this layer's product already."""
+        call = self.region_call
+        if x is not call.gathered:
+            raise RuntimeError(f"{type(self).__name__} belongs to a sequence-parallel region and "
+                               "must be called with the region's input as the region received "
+                               f"it (gathered, shape {tuple(call.gathered.shape)}), got a tensor "
+                               f"of shape {tuple(x.shape)}: ParallelRegion fits a module that "
+                               "passes its input straight to its column layers; for this one use "
+                               "sequence_parallel=False or a plan without ParallelRegion")
+        if call.product is None:
+            self._count_path("matmul on the region's gathered sequence")
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            self._count_path("fused all_gather_matmul shared by the region")
+            y = call.product if self.bias is None else call.product + self.bias
         return mappings.gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 

@@ -57,6 +57,9 @@ FAMILY_MODELS = {
     "phi3": hf("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=2, pad_token_id=0),
     "gpt_neox": hf("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_dropout=0.0,
                    attention_dropout=0.0),
+    # No family file: the structural plan, whose q/k norms over the whole projection become
+    # parallel norms (their statistics span the TP ranks).
+    "olmo2": hf("Olmo2Config", "Olmo2ForCausalLM", num_key_value_heads=2),
 }
 
 # Fused projections split part by part: name suffix -> the parts' sizes (4 heads x 16, 2 KV heads).
@@ -95,12 +98,12 @@ MODELS = {
 }
 
 
-def _parity(name, tp, cp):
+def _parity(name, tp, cp, options=None):
     state = mpu.initialize(tp=tp, cp=cp)
     build, run, seq_dim = MODELS[name]
     torch.manual_seed(0)
     dense = build()
-    model = parallelize(copy.deepcopy(dense))
+    model = parallelize(copy.deepcopy(dense), **(options or {}))
     g = torch.Generator().manual_seed(1)
     shape = (2, 16) if seq_dim == 1 else (16, 2)
     ids = torch.randint(0, 128, shape, generator=g)
@@ -139,24 +142,42 @@ def _parity(name, tp, cp):
         ref = expected_shard(pname, dense_params[pname].grad, tp, state.tp.rank,
                              getattr(param, "tp_shard_dim", None))
         assert_close(param.grad, ref, name=pname, terms=terms, scale=scale)
-    return sorted(type(m).__name__ for m in model.modules())
+    paths = set().union(*(m.calls_by_path for m in model.modules() if hasattr(m, "calls_by_path")))
+    return sorted(type(m).__name__ for m in model.modules()), paths
 
 
 @pytest.mark.parametrize("name, tp, cp", [("llama", 2, 1), ("llama", 2, 2), ("gpt2", 2, 1),
                                           ("gpt2", 2, 2), ("gpt2", 4, 1), ("tinylm", 2, 1),
                                           ("tinylm", 2, 2), ("tinylm", 4, 1)])
 def test_converted_model_matches_dense(name, tp, cp):
-    modules = run_on_ranks(_parity, 4, name, tp, cp, timeout=180)[0]
+    modules, paths = run_on_ranks(_parity, 4, name, tp, cp, timeout=180)[0]
     assert "ColumnParallelLinear" in modules and "VocabParallelEmbedding" in modules
     assert ("ContextParallelAttention" in modules) == (cp > 1 and name == "tinylm")
+    assert "fused matmul_reduce_scatter" in paths  # the defaults: SP with the fused ring matmuls
 
 
-@pytest.mark.parametrize("cp", [1, 2])
-@pytest.mark.parametrize("name", sorted(set(FAMILY_MODELS) - {"phi3"}) + ["phi3"])
-def test_every_family_matches_dense(name, cp):
+# Each option set, and the paths its TP layers must have taken (no silent fallback).
+OPTIONS = {
+    "defaults": ({}, {"fused all_gather_matmul shared by the region",
+                      "fused matmul_reduce_scatter"}),
+    "sp": ({"overlap_comm": False}, {"matmul on the region's gathered sequence",
+                                     "matmul then reduce-scatter"}),
+    "no-sp": ({"sequence_parallel": False}, {"matmul (all-reduce in backward)",
+                                             "matmul then all-reduce"}),
+}
+
+
+@pytest.mark.parametrize("cp, options", [(1, "defaults"), (2, "defaults"), (1, "no-sp"),
+                                         (2, "sp")])
+@pytest.mark.parametrize("name", sorted(FAMILY_MODELS))
+def test_every_family_matches_dense(name, cp, options):
     if name == "phi3" and cp > 1:
         pytest.skip("Phi-3 refuses cp > 1 (see test_phi3_refuses_context_parallelism)")
-    run_on_ranks(_parity, 4, name, 2, cp, timeout=180)
+    kwargs, expected_paths = OPTIONS[options]
+    modules, paths = run_on_ranks(_parity, 4, name, 2, cp, kwargs, timeout=180)[0]
+    assert expected_paths <= paths
+    if name == "olmo2":
+        assert modules.count("ParallelRMSNorm") == 4  # q and k norms of 2 layers
 
 
 def _bad_plans():
@@ -268,11 +289,31 @@ def _guards():
     mask[0, :2] = 0
     with pytest.raises(ValueError, match=r"attention_mask with padding cannot be honoured"):
         qwen(input_ids=ids, attention_mask=mask)
-    # Sequence parallelism is refused where the family does not support it yet.
-    with pytest.raises(ValueError, match=r"sequence_parallel=True is not supported for "
-                                         r"LlamaForCausalLM"):
-        parallelize(tiny_llama(), sequence_parallel=True)
 
 
 def test_guards_refuse_what_would_differ():
     run_on_ranks(_guards, 4, timeout=120)
+
+
+def _sequence_parallel_guards():
+    mpu.initialize(tp=2)
+    # Sequence parallelism needs a plan that says where the split starts.
+    with pytest.raises(ValueError, match=r"sequence_parallel=True, but the plan for "
+                                         r"LlamaForCausalLM has no SequenceParallelEntry"):
+        parallelize(tiny_llama(), {"model.layers.*.mlp.up_proj": "colwise"},
+                    sequence_parallel=True)
+    # Under sequence parallelism each rank holds part of the positions: "the last ones" are not.
+    llama = parallelize(tiny_llama())
+    with pytest.raises(ValueError, match=r"logits_to_keep=1 \(generation\) under sequence "
+                                         r"parallelism"):
+        llama(input_ids=torch.zeros(1, 8, dtype=torch.long), logits_to_keep=1)
+    # A region's column layer fed anything but the region's gathered input.
+    mlp = llama.model.layers[0].mlp
+    mlp.up_proj.forward = lambda x, layer=mlp.up_proj: type(layer).forward(layer, 2 * x)
+    with pytest.raises(RuntimeError, match=r"ColumnParallelLinear belongs to a sequence-parallel "
+                                           r"region and must be called with the region's input"):
+        llama(input_ids=torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_sequence_parallel_guards():
+    run_on_ranks(_sequence_parallel_guards, 4, timeout=120)

@@ -37,7 +37,7 @@ from parallelkit.distributed.p2p import PipelineP2P, Recv, Send
 from parallelkit.launch import LocalWorld, RankFailure
 from parallelkit.pipeline_parallel import (Costs, PipelineStage, build_schedule, simulate,
                                            stage_chunks, train_step)
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 
 OURS = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
 QUICK = ["--hidden", "64", "--seq", "16", "--batch", "8", "--microbatches", "4", "--repeats", "3"]

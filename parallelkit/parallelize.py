@@ -175,9 +175,6 @@ def _install_context_parallel(model: nn.Module, family: Family | None,
     transformers' attention interface routed to ours. Anything else is an error."""
     if any(isinstance(m, ContextParallelAttention) for m in model.modules()):
         return
-    if family is not None and not family.context_parallel:
-        raise ValueError(f"cp={conversion.cp}: context parallelism is not supported for the "
-                         f"{family.name} family yet; use cp=1")
     if not getattr(type(model), "_supports_attention_backend", False) or (
             family is not None and not family.attention_interface):
         raise ValueError(f"cp={conversion.cp} but no attention of {type(model).__name__} was made "

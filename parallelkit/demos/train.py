@@ -69,7 +69,7 @@ def batch_for_step(cfg: DemoConfig, step: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def build_tinylm(cfg: DemoConfig):
-    from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+    from parallelkit.models.tinylm import TinyConfig, TinyLM
 
     torch.manual_seed(cfg.seed)
     return TinyLM(TinyConfig(vocab=cfg.vocab, hidden=cfg.hidden, heads=cfg.heads,

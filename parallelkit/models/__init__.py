@@ -25,7 +25,6 @@ class Family:
     after_conversion: Callable | None = None       # (model, conversion) -> None
     sequence_dim: int = 1                          # batch-first [b, s, h]
     attention_interface: bool = True               # CP through transformers' attention registry
-    context_parallel: bool = True                  # False: cp > 1 is refused (not verified)
 
 
 def family_of(model: nn.Module) -> Family | None:

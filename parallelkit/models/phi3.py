@@ -7,9 +7,9 @@ import copy
 from torch import nn
 
 from parallelkit.models import Family, config_heads
-from parallelkit.parallel_styles import (ColwiseParallel, LMHead, RowwiseParallel,
-                                         SequenceParallelEntry, SequenceParallelNorm,
-                                         VocabParallel)
+from parallelkit.parallel_styles import (ColwiseParallel, LMHead, ParallelRegion,
+                                         RowwiseParallel, SequenceParallelEntry,
+                                         SequenceParallelNorm, VocabParallel)
 
 
 def plan(model: nn.Module) -> dict:
@@ -21,6 +21,8 @@ def plan(model: nn.Module) -> dict:
         "model.embed_tokens": VocabParallel(),
         "model.layers.0": SequenceParallelEntry(),
         "model.layers.*.*_layernorm": SequenceParallelNorm(),
+        "model.layers.*.self_attn": ParallelRegion(),
+        "model.layers.*.mlp": ParallelRegion(),
         "model.layers.*.self_attn.qkv_proj": ColwiseParallel(parts=[q, kv, kv]),
         "model.layers.*.self_attn.o_proj": RowwiseParallel(),
         "model.layers.*.mlp.gate_up_proj": ColwiseParallel(parts=[config.intermediate_size] * 2),
@@ -41,7 +43,4 @@ def after_conversion(model: nn.Module, conversion) -> None:
         attention.num_key_value_heads //= tp
 
 
-# Context parallelism: the ring-attention result differs from the dense model's for Phi-3 (not
-# yet understood), so cp > 1 is refused rather than silently wrong.
-FAMILIES = [Family("phi3", ("Phi3ForCausalLM", "Phi3Model"), plan, config_heads, after_conversion,
-                   context_parallel=False)]
+FAMILIES = [Family("phi3", ("Phi3ForCausalLM", "Phi3Model"), plan, config_heads, after_conversion)]

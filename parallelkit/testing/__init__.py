@@ -1,4 +1,4 @@
-"""Test helpers: the multi-rank harness (and, as later layers land, tolerances and tiny models)."""
+"""Test helpers: the multi-rank harness and derived tolerances (tests and benchmarks use them; the library does not)."""
 
 from parallelkit.testing.harness import close_worlds, run_on_ranks
 

@@ -24,7 +24,7 @@ from parallelkit.tensor_parallel import (ColumnParallelLinear, ParallelLayerNorm
                                          RowParallelLinear, VocabParallelCrossEntropy,
                                          VocabParallelEmbedding, get_rng_tracker)
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 
 NO_MPU = None  # the row runs before mpu.initialize
 TP2 = dict(tp=2)

@@ -10,7 +10,7 @@ from parallelkit.checkpoint import (CheckpointDamagedError, CheckpointMismatchEr
                                     full_state_dict, load_checkpoint, save_checkpoint)
 from parallelkit.parallelize import parallelize
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 
 CONFIG = TinyConfig(vocab=64, layers=2)  # two blocks: one per pipeline stage
 

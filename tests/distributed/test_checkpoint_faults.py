@@ -11,7 +11,7 @@ import torch
 
 from parallelkit import checkpoint_files
 from parallelkit.checkpoint import CheckpointDamagedError, load_checkpoint, save_checkpoint
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 
 CONFIG = TinyConfig(vocab=64, layers=1)
 KILLED = 17  # the exit status of a save killed on purpose

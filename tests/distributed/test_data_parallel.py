@@ -23,7 +23,7 @@ from parallelkit.data_parallel import (Bucket, DistributedDataParallel, Distribu
                                        plan_buckets)
 from parallelkit.distributed import comm
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 SMALL_BUCKETS = 4096  # bytes: TinyLM in float64 then spans several buckets

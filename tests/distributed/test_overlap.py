@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from parallelkit import mpu
 from parallelkit._native import native
 from parallelkit.distributed import mappings
-from parallelkit.ops.overlap import all_gather_matmul, matmul_reduce_scatter
+from parallelkit.ops.overlap import (all_gather_matmul, all_gather_matmul_and_input,
+                                    matmul_reduce_scatter)
 from parallelkit.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tolerances import assert_close
@@ -53,6 +54,40 @@ def _compare(op, tp, s, b, k, n, dtype, chunks):
 @pytest.mark.parametrize("s, b, k, n", [(8, 2, 16, 12), (16, 3, 8, 5)])
 def test_fused_equals_unfused(op, tp, dtype, chunks, s, b, k, n):
     run_on_ranks(_compare, 4, op, tp, s, b, k, n, dtype, chunks)
+
+
+def _gathered_input_is_differentiable(use_y):
+    """all_gather_matmul_and_input: the gathered x equals the all-gather, and a loss that uses it
+    (alone, or with y) gives x the gradient of the unfused gather-then-matmul, in float64."""
+    state = mpu.initialize(tp=2)
+    group, rank = state.tp.group, state.tp.rank
+    x = seeded((8, 2, 6), torch.float64, 1).chunk(2)[rank]
+    weight = seeded((5, 6), torch.float64, 2 + rank)
+    grads = []
+    for fused in (True, False):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            y, full = all_gather_matmul_and_input(xi, wi, group, 2)
+        else:
+            full = mappings.gather_from_sp_region(xi, group)
+            y = F.linear(full, wi)
+        loss = (full * seeded(full.shape, torch.float64, 7 + rank)).sum()
+        if use_y:
+            loss = loss + (y * seeded(y.shape, torch.float64, 9 + rank)).sum()
+        loss.backward()
+        grads.append((full.detach(), xi.grad, wi.grad))
+    (full_f, gx_f, gw_f), (full_u, gx_u, gw_u) = grads
+    assert torch.equal(full_f, full_u)
+    assert_close(gx_f, gx_u, name="grad x", terms=5 + 2)
+    if use_y:
+        assert_close(gw_f, gw_u, name="grad weight", terms=16)
+    else:
+        assert gw_f is None  # y unused: no gradient reaches the weight
+
+
+@pytest.mark.parametrize("use_y", [False, True])
+def test_gathered_input_is_differentiable(use_y):
+    run_on_ranks(_gathered_input_is_differentiable, 2, use_y)
 
 
 def _paths_are_counted():

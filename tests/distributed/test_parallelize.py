@@ -13,7 +13,7 @@ from parallelkit.context_parallel import (context_parallel_positions, gather_fro
 from parallelkit.distributed import comm
 from parallelkit.parallelize import parallelize
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 from parallelkit.testing.tolerances import assert_close, gradient_scale, transformer_terms
 
 
@@ -95,6 +95,8 @@ MODELS = {
     "gpt2": (tiny_gpt2, lambda m, ids, pos: m(input_ids=ids, position_ids=pos).logits, 1),
     "tinylm": (lambda: TinyLM(TinyConfig(vocab=128, layers=2)), lambda m, ids, pos: m(ids), 0),
     **{name: (build, MODELS_RUN_HF, 1) for name, build in FAMILY_MODELS.items()},
+    "phi3_window16": (hf("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=2, pad_token_id=0,
+                         sliding_window=16), MODELS_RUN_HF, 1),
 }
 
 
@@ -171,8 +173,6 @@ OPTIONS = {
                                          (2, "sp")])
 @pytest.mark.parametrize("name", sorted(FAMILY_MODELS))
 def test_every_family_matches_dense(name, cp, options):
-    if name == "phi3" and cp > 1:
-        pytest.skip("Phi-3 refuses cp > 1 (see test_phi3_refuses_context_parallelism)")
     kwargs, expected_paths = OPTIONS[options]
     modules, paths = run_on_ranks(_parity, 4, name, 2, cp, kwargs, timeout=180)[0]
     assert expected_paths <= paths
@@ -204,15 +204,35 @@ def test_user_plans_and_bad_sizes():
     assert run_on_ranks(_bad_plans, 4)[0] == ["ColumnParallelLinear", "RowParallelLinear"]
 
 
-def _phi3_with_cp():
-    mpu.initialize(tp=2, cp=2)
-    with pytest.raises(ValueError, match=r"cp=2: context parallelism is not supported for the "
-                                         r"phi3 family yet"):
-        parallelize(FAMILY_MODELS["phi3"]())
+def _forward_raises(config_name, model_name, extra, match):
+    state = mpu.initialize(tp=2, cp=2)
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    model = parallelize(getattr(transformers, model_name)(config))
+    ids = split_for_context_parallel(torch.zeros(2, 16, dtype=torch.long), state.cp.rank, 2, dim=1)
+    positions = context_parallel_positions(16, state.cp.rank, 2).expand(2, -1)
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=ids, position_ids=positions)
 
 
-def test_phi3_refuses_context_parallelism():
-    run_on_ranks(_phi3_with_cp, 4)
+def test_attention_options_ring_attention_lacks_are_refused():
+    """Under cp > 1 an attention option that changes the result and that ring attention does not
+    implement raises, naming it (a window shorter than the sequence; Gemma-2's soft-capping)."""
+    run_on_ranks(_forward_raises, 4, "Phi3Config", "Phi3ForCausalLM",
+                 dict(pad_token_id=0, sliding_window=15, attn_implementation="sdpa"),
+                 r"Phi3Attention uses a sliding window of 15 tokens, shorter than the sequence "
+                 r"\(16 tokens")
+    run_on_ranks(_forward_raises, 4, "Gemma2Config", "Gemma2ForCausalLM",
+                 dict(head_dim=16, attn_logit_softcapping=50.0, attn_implementation="eager"),
+                 r"Gemma2Attention passes softcap= .* use cp=1")
+
+
+def test_a_window_as_long_as_the_sequence_matches_dense():
+    """A sliding window that covers the whole (CP-split) sequence masks nothing: it is allowed."""
+    run_on_ranks(_parity, 4, "phi3_window16", 2, 2, timeout=180)
 
 
 def _loss_parallel(name, cp):
@@ -282,7 +302,7 @@ def _guards():
     qwen = parallelize(FAMILY_MODELS["qwen2"](),
                        {"model.layers.*.self_attn.[qkv]_proj": "colwise",
                         "model.layers.*.self_attn.o_proj": "rowwise"})
-    assert qwen.config._attn_implementation == "parallelkit_cp"
+    assert qwen.config._attn_implementation.startswith("parallelkit_cp_")
     # Padding cannot be honoured under CP.
     ids = torch.zeros(1, 8, dtype=torch.long)
     mask = torch.ones(1, 8, dtype=torch.long)

@@ -14,7 +14,7 @@ from torch import nn
 from parallelkit import mpu
 from parallelkit.pipeline_parallel import PipelineStage, train_step
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 from parallelkit.testing.tolerances import assert_close, gradient_scale, transformer_terms
 
 SEQ, MICRO_BATCH = 4, 2

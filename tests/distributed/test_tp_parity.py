@@ -9,7 +9,7 @@ from parallelkit import mpu
 from parallelkit.parallelize import parallelize
 from parallelkit.tensor_parallel import sync_sequence_parallel_grads
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 from parallelkit.testing.tolerances import assert_close, gradient_scale, transformer_terms
 
 # Which dim of the dense gradient each TP parameter holds a shard of (None: all of it).

@@ -15,7 +15,7 @@ from parallelkit.data_parallel import (DistributedDataParallel, DistributedOptim
                                        clip_grad_norm_)
 from parallelkit.distributed import comm
 from parallelkit.testing import run_on_ranks
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 from test_data_parallel import (ADAMW, EXACT, SMALL_BUCKETS,  # the sibling test module
                                 Partly, TwoLayers, assert_same_parameters, global_batch,
                                 local_slice, lm_loss)

@@ -15,7 +15,7 @@ from parallelkit.pipeline_parallel import timeline
 from parallelkit.pipeline_parallel.backward_split import backward_input
 from parallelkit.pipeline_parallel.check import replay
 from parallelkit.pipeline_parallel.actions import B, F, RECV_B, RECV_F, SEND_B, SEND_F, W
-from parallelkit.testing.tiny_models import TinyConfig, TinyLM
+from parallelkit.models.tinylm import TinyConfig, TinyLM
 
 PPS = [1, 2, 3, 4, 5, 8, 16]
 

@@ -158,6 +158,26 @@ def test_converted_model_matches_dense(name, tp, cp):
     assert "fused matmul_reduce_scatter" in paths  # the defaults: SP with the fused ring matmuls
 
 
+def readme_plan():
+    """The README's hand-written plan for a Llama-like model."""
+    from parallelkit.parallel_styles import (ColwiseParallel, LMHead, ParallelRegion,
+                                             RowwiseParallel, SequenceParallelEntry,
+                                             SequenceParallelNorm, VocabParallel)
+    return {
+        "model.embed_tokens": VocabParallel(),
+        "model.layers.0": SequenceParallelEntry(),
+        "model.layers.*.*_layernorm": SequenceParallelNorm(),
+        "model.layers.*.self_attn": ParallelRegion(),
+        "model.layers.*.self_attn.[qkv]_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.o_proj": RowwiseParallel(),
+        "model.layers.*.mlp": ParallelRegion(),
+        "model.layers.*.mlp.[gu]*_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(),
+        "model.norm": SequenceParallelNorm(),
+        "lm_head": LMHead(),
+    }
+
+
 # Each option set, and the paths its TP layers must have taken (no silent fallback).
 OPTIONS = {
     "defaults": ({}, {"fused all_gather_matmul shared by the region",
@@ -173,11 +193,18 @@ OPTIONS = {
                                          (2, "sp")])
 @pytest.mark.parametrize("name", sorted(FAMILY_MODELS))
 def test_every_family_matches_dense(name, cp, options):
+    """Each family at tp=2 with and without CP, sequence parallelism and the fused overlap."""
     kwargs, expected_paths = OPTIONS[options]
     modules, paths = run_on_ranks(_parity, 4, name, 2, cp, kwargs, timeout=180)[0]
     assert expected_paths <= paths
     if name == "olmo2":
         assert modules.count("ParallelRMSNorm") == 4  # q and k norms of 2 layers
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_a_hand_written_plan_matches_dense(cp):
+    _, paths = run_on_ranks(_parity, 4, "mistral", 2, cp, {"plan": readme_plan()}, timeout=180)[0]
+    assert OPTIONS["defaults"][1] <= paths
 
 
 def _bad_plans():

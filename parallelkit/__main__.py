@@ -1,4 +1,4 @@
-"""Command line: ``python -m parallelkit {layout,info}``."""
+"""Command line: ``python -m parallelkit {layout,demo,check-plan,info}``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--layers", type=int, default=2)
     demo.add_argument("--png", default="demo_loss.png", help="where to plot both curves ('' = no)")
 
+    check = jobs.add_parser("check-plan", help="convert a shrunken copy of a transformers model "
+                                               "with parallelize() on tp x cp local ranks and "
+                                               "compare its loss and every gradient with the "
+                                               "unconverted model (exit 0 match, 1 differ, 2 "
+                                               "cannot convert)")
+    check.add_argument("config", help="a transformers config.json (nothing is downloaded)")
+    check.add_argument("--tp", type=int, required=True, help="tensor parallel size")
+    check.add_argument("--cp", type=int, default=1, help="context parallel size (ranks: tp x cp)")
+    # None = parallelize's own default, so the check runs what a plain parallelize(model) would.
+    for option in ("sequence-parallel", "overlap-comm"):
+        check.add_argument(f"--{option}", action=argparse.BooleanOptionalAction, default=None,
+                           help="default: parallelize's")
+    check.add_argument("--no-loss-parallel", dest="loss_parallel", action="store_false",
+                       help="gather the logits for the loss instead of the vocab-parallel loss")
+    check.add_argument("--plan", help="module:ATTR, a {pattern: ParallelStyle} dict or a "
+                                      "callable model -> dict (default: the model's own plan)")
+
     jobs.add_parser("info", help="what was compiled: torch, CUDA arches, Triton")
 
     args = parser.parse_args(argv)
@@ -45,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_build_info())
         return 0
+    if args.job == "check-plan":
+        return _check_plan(args, check)
     if args.job == "demo":
         from parallelkit.demos.train import DemoConfig, run
 
@@ -64,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(planned))
         return 0
     return 0 if layout_demo.run(args.world, args.tp, args.pp, args.cp, args.order) else 1
+
+
+def _check_plan(args, parser: argparse.ArgumentParser) -> int:
+    from parallelkit.check_plan import check_plan
+
+    try:
+        report = check_plan(args.config, tp=args.tp, cp=args.cp, plan=args.plan,
+                            sequence_parallel=args.sequence_parallel,
+                            overlap_comm=args.overlap_comm, loss_parallel=args.loss_parallel)
+    except ValueError as error:
+        parser.error(str(error))  # exit code 2, one line
+    print(report.format())
+    return report.exit_code
 
 
 if __name__ == "__main__":

@@ -87,14 +87,27 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     if vocab_sizes is None:  # the slices may be uneven: learn each rank's size
         vocab_sizes = comm.all_gather_ints(group, n_local)
     vocab_sizes = tuple(int(v) for v in vocab_sizes)
-    flat_logits = logits.reshape(-1, n_local)
+    # Tokens are independent rows: take them in the logits' memory order, so that logits which
+    # are a permuted view (a sequence-parallel head's [b, s, V/tp] of an [s, b, V/tp] result)
+    # flatten without a copy, which the loss would keep for backward beside the original.
+    order = memory_order(logits)
+    flat_logits = logits.permute(*order, -1).reshape(-1, n_local)
     if flat_logits.stride(-1) != 1:
         flat_logits = flat_logits.contiguous()
-    flat_targets = targets.reshape(-1).long().contiguous()
+    flat_targets = targets.permute(*order).reshape(-1).long().contiguous()
     loss = VocabParallelCrossEntropyFunction.apply(
         flat_logits, flat_targets, group, float(label_smoothing), int(ignore_index), reduction,
         bool(inplace_backward), vocab_sizes)
-    return loss.view(targets.shape) if reduction == "none" else loss
+    if reduction != "none":
+        return loss
+    lead = [targets.shape[d] for d in order]
+    return loss.view(lead).permute(*sorted(range(len(order)), key=order.__getitem__))
+
+
+def memory_order(t: torch.Tensor) -> list[int]:
+    """The dims of ``t`` before the last, outermost first in memory (largest stride first;
+    ties keep their order)."""
+    return sorted(range(t.dim() - 1), key=lambda d: -t.stride(d))
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):

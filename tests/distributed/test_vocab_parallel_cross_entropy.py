@@ -159,6 +159,32 @@ def test_all_rows_ignored_and_no_rows():
     run_on_ranks(_all_ignored_and_empty, 2, timeout=60)
 
 
+def _permuted_logits():
+    """Logits that are a permuted view ([b, s, V/tp] of an [s, b, V/tp] result, as a
+    sequence-parallel head returns them): per-token losses in the view's order, and the logits'
+    gradient, equal F.cross_entropy's on the same view, in float64."""
+    state = mpu.initialize(tp=2)
+    full = torch.randn(SEQ, BATCH, VOCAB, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+    view = full.transpose(0, 1)  # [b, s, V], not contiguous
+    shard = view.chunk(2, -1)[state.tp.rank].detach().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, targets, reduction="none")
+    reference = view.detach().requires_grad_()
+    expected = F.cross_entropy(reference.flatten(0, 1), targets.flatten(),
+                               reduction="none").view(BATCH, SEQ)
+    assert loss.shape == (BATCH, SEQ)
+    assert_close(loss, expected, name="per-token loss", terms=VOCAB)
+    weights = torch.rand(BATCH, SEQ, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (loss * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert_close(shard.grad, reference.grad.chunk(2, -1)[state.tp.rank], name="grad", terms=VOCAB)
+
+
+def test_permuted_logits_keep_their_token_order():
+    run_on_ranks(_permuted_logits, 2, timeout=60)
+
+
 def _bad_input(backend_name):
     mpu.initialize(tp=2)
     shard = torch.randn(4, 8)  # V = 16 over two ranks

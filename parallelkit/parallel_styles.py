@@ -16,6 +16,8 @@ A plan maps module-name patterns to style instances. A style reads the conversio
     SequenceParallelNorm()       a norm over the full hidden dim: under sequence parallelism it
                                  sees 1/tp of the tokens, so its parameters are marked for the
                                  gradient sum over TP
+    Replicated()                 any other module left whole that acts on each token alone (a
+                                 mixture-of-experts block): marked the same way
     PerHeadNorm()                a norm over the head dim (Qwen3's q/k norms): its gradient is
                                  a partial sum over the ranks' heads, summed over TP
     ShardedNorm()                a norm over a column layer's whole (sharded) output (OLMo-2's
@@ -172,14 +174,20 @@ class LMHead(ParallelStyle):
         return head
 
 
-class SequenceParallelNorm(ParallelStyle):
-    """A norm over the full hidden dim, left as it is; under sequence parallelism it sees this
-    rank's tokens only, so its parameters' gradients are partial sums over TP."""
+class Replicated(ParallelStyle):
+    """A module left whole on every rank in the residual stream, acting on each token alone (a
+    norm, a mixture-of-experts block with its router): under sequence parallelism it sees this
+    rank's tokens only, so its parameters' gradients are partial sums over TP (summed by the
+    sequence-parallel gradient hooks)."""
 
     def apply(self, module, conversion):
         if conversion.sequence_parallel:
             mark_sequence_parallel(*module.parameters())
         return module
+
+
+class SequenceParallelNorm(Replicated):
+    """A norm over the full hidden dim in the residual stream (see :class:`Replicated`)."""
 
 
 class SequenceParallelExit(SequenceParallelNorm):
@@ -247,9 +255,22 @@ class ParallelRegion(ParallelStyle):
     """A module whose column layers take its input and whose row layers make its output (a
     transformers attention or MLP). Under sequence parallelism it receives this rank's tokens;
     its input is gathered along the sequence on entry, so the module runs on the whole sequence
-    (its own shape arithmetic included), and its row layers reduce-scatter the output."""
+    (its own shape arithmetic included), and its row layers reduce-scatter the output. Head
+    counts the module keeps as attributes become this rank's."""
+
+    # Head counts an attention module may keep for its own reshapes (StableLM views q as
+    # [b, s, self.num_heads, d]): each rank has 1/tp of the heads.
+    HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
+                   "n_heads", "n_head", "n_kv_heads")
 
     def apply(self, module, conversion):
+        for attr in self.HEAD_COUNTS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if value % conversion.tp:
+                    raise ValueError(f"{type(module).__name__}.{attr} = {value} is not divisible "
+                                     f"by tp={conversion.tp}: each rank must hold whole heads")
+                setattr(module, attr, value // conversion.tp)
         if conversion.sequence_parallel:
             install_region(module, tp_group=conversion.tp_group,
                            sequence_dim=conversion.sequence_dim,

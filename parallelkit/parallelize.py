@@ -23,6 +23,7 @@ registers hooks that sum them during backward (our DistributedDataParallel knows
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,8 @@ from parallelkit.distributed.groups import bind_group
 from parallelkit.models import Family, config_heads, family_of
 from parallelkit.models.decoder import structural_plan
 from parallelkit.parallel_styles import (ColwiseParallel, ContextParallel, Conversion, LMHead,
-                                         ParallelOptions, ParallelStyle, RowwiseParallel,
-                                         SequenceParallelEntry, VocabParallel)
+                                         ParallelOptions, ParallelRegion, ParallelStyle,
+                                         RowwiseParallel, SequenceParallelEntry, VocabParallel)
 from parallelkit.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                          register_sequence_parallel_grad_hooks)
 from parallelkit.tensor_parallel.cross_entropy import causal_lm_loss
@@ -73,32 +74,22 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
     """
     family = family_of(model)
     plan = _resolve_plan(model, plan, family)
-    splits = any(isinstance(style, SequenceParallelEntry) for style in plan.values())
-    if sequence_parallel is None:
-        sequence_parallel = splits
-    elif sequence_parallel and not splits:
-        raise ValueError(f"sequence_parallel=True, but the plan for {type(model).__name__} has no "
-                         "SequenceParallelEntry (where the sequence split starts) and so does "
-                         "not support it: add one, with ParallelRegion on the modules that "
-                         "call the column layers, or pass sequence_parallel=False")
-    options = ParallelOptions(sequence_parallel, sequence_parallel if overlap_comm is None
-                              else overlap_comm, loss_parallel, cp_layout, chunks_per_rank)
     tp_bound = bind_group(tp_group, "tp")
     tp, cp = tp_bound.size, bind_group(cp_group, "cp").size
     _check_heads(model, family, tp)
+    sequence_parallel = _choose_sequence_parallel(model, plan, sequence_parallel, tp)
+    options = ParallelOptions(sequence_parallel, sequence_parallel if overlap_comm is None
+                              else overlap_comm, loss_parallel, cp_layout, chunks_per_rank)
     conversion = Conversion(tp_group, cp_group, tp, cp, options,
                             family.sequence_dim if family else 1)
 
-    used = set()
-    for name, module in list(model.named_modules()):
-        pattern = next((p for p in plan if fnmatch.fnmatchcase(name, p)), None)
-        if pattern is None:
-            continue
-        used.add(pattern)
+    patterns = _patterns_by_module(model, plan)
+    modules = dict(model.named_modules())
+    for name, pattern in patterns.items():
         style = plan[pattern]
         if (cp if style.needs == "cp" else tp) > 1:
-            _replace(model, name, style.apply(module, conversion))
-    unused = [p for p in plan if p not in used]
+            _replace(model, name, style.apply(modules[name], conversion))
+    unused = [p for p in plan if p not in set(patterns.values())]
     if unused:
         raise ValueError(f"plan pattern(s) {unused} matched no module of "
                          f"{type(model).__name__}; check the names in model.named_modules()")
@@ -136,6 +127,78 @@ def _resolve_plan(model: nn.Module, plan: dict | None, family: Family | None) ->
             raise TypeError(f"plan[{pattern!r}] is {style!r}, not a ParallelStyle")
         resolved[pattern] = style
     return resolved
+
+
+def _choose_sequence_parallel(model: nn.Module, plan: dict, requested: bool | None,
+                              tp: int) -> bool:
+    """Sequence parallelism where the plan supports it and no parameter would be silently
+    wrong under it. A parameter of the decoder stack that no style places runs on this rank's
+    tokens under sequence parallelism, so its gradient would be a partial sum nobody completes:
+    by default sequence parallelism is then off (with a warning), on request an error. One
+    inside a parallel region may act on a TP-sharded activation: always an error at tp > 1."""
+    name = type(model).__name__
+    styles = {module: plan[p] for module, p in _patterns_by_module(model, plan).items()}
+    in_region, per_token = _unplaced_parameters(model, styles)
+    if in_region and tp > 1:
+        raise ValueError(f"{name}: the plan places no style on {_some(in_region)} inside a "
+                         "ParallelRegion, whose activations are split across TP (heads or "
+                         "features): give its module a style (PerHeadNorm, ShardedNorm, "
+                         "ColwiseParallel, ...)")
+    splits = any(isinstance(style, SequenceParallelEntry) for style in styles.values())
+    if requested and not splits:
+        raise ValueError(f"sequence_parallel=True, but the plan for {name} has no "
+                         "SequenceParallelEntry (where the sequence split starts) and so does "
+                         "not support it: add one, with ParallelRegion on the modules that "
+                         "call the column layers, or pass sequence_parallel=False")
+    if requested and per_token and tp > 1:
+        raise ValueError(f"sequence_parallel=True, but the plan for {name} places no style on "
+                         f"{_some(per_token)}: under sequence parallelism they would see 1/tp of "
+                         "the tokens and their gradients would be partial. If their module acts "
+                         "on each token alone (a mixture of experts), give it Replicated() in "
+                         "the plan; else pass sequence_parallel=False")
+    if requested is None and splits and per_token and tp > 1:
+        warnings.warn(f"parallelize({name}): sequence parallelism is off, because the plan "
+                      f"places no style on {_some(per_token)} (see Replicated() to turn it on)",
+                      stacklevel=3)
+        return False
+    return splits if requested is None else requested
+
+
+def _patterns_by_module(model: nn.Module, plan: dict) -> dict:
+    """{module name: the first plan pattern it matches}, in ``model.named_modules()`` order."""
+    patterns = {}
+    for name, _ in model.named_modules():
+        pattern = next((p for p in plan if fnmatch.fnmatchcase(name, p)), None)
+        if pattern is not None:
+            patterns[name] = pattern
+    return patterns
+
+
+def _unplaced_parameters(model: nn.Module, styles: dict) -> tuple[list[str], list[str]]:
+    """Parameters that no style converts or marks (the styles of their module or its ancestors,
+    regions and the sequence entry aside): (those inside a ParallelRegion, those elsewhere in
+    the decoder stack, the ModuleList whose first layer is the SequenceParallelEntry)."""
+    entry = next((n for n, style in styles.items() if isinstance(style, SequenceParallelEntry)),
+                 None)
+    stack = entry.rpartition(".")[0] + "." if entry else None
+    structural = (ParallelRegion, SequenceParallelEntry)
+    in_region, per_token = [], []
+    for pname, _ in model.named_parameters():
+        parts = pname.split(".")[:-1]
+        own = [styles[a] for a in (".".join(parts[:i]) for i in range(len(parts) + 1))
+               if a in styles]
+        if any(not isinstance(style, structural) for style in own):
+            continue
+        if any(isinstance(style, ParallelRegion) for style in own):
+            in_region.append(pname)
+        elif stack and pname.startswith(stack):
+            per_token.append(pname)
+    return in_region, per_token
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more parameters" if len(names) > 3 else "")
 
 
 def _check_heads(model: nn.Module, family: Family | None, tp: int) -> None:

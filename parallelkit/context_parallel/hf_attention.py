@@ -31,6 +31,9 @@ UNSUPPORTED = {
     "cache": "a paged KV cache (continuous batching)",
 }
 
+# The config fields that turn those on, checked when the model is converted.
+CONFIG_UNSUPPORTED = {"attn_logit_softcapping": UNSUPPORTED["softcap"]}
+
 
 def use_context_parallel_attention(model: nn.Module, cp_group: dist.ProcessGroup | None = None,
                                    layout: str = "zigzag") -> None:
@@ -42,6 +45,12 @@ def use_context_parallel_attention(model: nn.Module, cp_group: dist.ProcessGroup
     sliding window shorter than the whole sequence)."""
     from transformers import AttentionInterface
 
+    for config in _configs(model):  # known from the config: refused now, not at the first call
+        for field, what in CONFIG_UNSUPPORTED.items():
+            if getattr(config, field, None) is not None:
+                raise ValueError(f"{type(model).__name__} uses {what} ({field}="
+                                 f"{getattr(config, field)}), which context-parallel (ring) "
+                                 "attention does not implement; use cp=1 for it")
     attention = ContextParallelAttention(cp_group, layout)
     cp = dist.get_world_size(attention.cp_group)
 

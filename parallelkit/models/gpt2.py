@@ -31,7 +31,6 @@ def plan(model: nn.Module) -> dict:
 def after_conversion(model: nn.Module, conversion) -> None:
     for block in model.transformer.h:  # it splits c_attn's output into q, k, v of this size
         block.attn.split_size //= conversion.tp
-        block.attn.num_heads //= conversion.tp
 
 
 FAMILIES = [Family("gpt2", ("GPT2LMHeadModel", "GPT2Model"), plan, config_heads,

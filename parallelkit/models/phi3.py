@@ -40,7 +40,6 @@ def after_conversion(model: nn.Module, conversion) -> None:
         local.num_attention_heads //= tp
         local.num_key_value_heads //= tp
         attention.config = local
-        attention.num_key_value_heads //= tp
 
 
 FAMILIES = [Family("phi3", ("Phi3ForCausalLM", "Phi3Model"), plan, config_heads, after_conversion)]

@@ -11,6 +11,7 @@ from parallelkit import mpu
 from parallelkit.context_parallel import (context_parallel_positions, gather_from_context_parallel,
                                           split_for_context_parallel)
 from parallelkit.distributed import comm
+from parallelkit.launch import RankFailure
 from parallelkit.parallelize import parallelize
 from parallelkit.testing import run_on_ranks
 from parallelkit.models.tinylm import TinyConfig, TinyLM
@@ -60,6 +61,9 @@ FAMILY_MODELS = {
     # No family file: the structural plan, whose q/k norms over the whole projection become
     # parallel norms (their statistics span the TP ranks).
     "olmo2": hf("Olmo2Config", "Olmo2ForCausalLM", num_key_value_heads=2),
+    # The structural plan; its attention views q with the head count it stores (made local).
+    "stablelm": hf("StableLmConfig", "StableLmForCausalLM", num_key_value_heads=2,
+                   hidden_dropout=0.0, attention_dropout=0.0),
 }
 
 # Fused projections split part by part: name suffix -> the parts' sizes (4 heads x 16, 2 KV heads).
@@ -95,6 +99,8 @@ MODELS = {
     "gpt2": (tiny_gpt2, lambda m, ids, pos: m(input_ids=ids, position_ids=pos).logits, 1),
     "tinylm": (lambda: TinyLM(TinyConfig(vocab=128, layers=2)), lambda m, ids, pos: m(ids), 0),
     **{name: (build, MODELS_RUN_HF, 1) for name, build in FAMILY_MODELS.items()},
+    "mixtral": (hf("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2,
+                   num_local_experts=4), MODELS_RUN_HF, 1),
     "phi3_window16": (hf("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=2, pad_token_id=0,
                          sliding_window=16), MODELS_RUN_HF, 1),
 }
@@ -105,7 +111,10 @@ def _parity(name, tp, cp, options=None):
     build, run, seq_dim = MODELS[name]
     torch.manual_seed(0)
     dense = build()
-    model = parallelize(copy.deepcopy(dense), **(options or {}))
+    options = dict(options or {})
+    if callable(options.get("plan")):
+        options["plan"] = options["plan"](dense)
+    model = parallelize(copy.deepcopy(dense), **options)
     g = torch.Generator().manual_seed(1)
     shape = (2, 16) if seq_dim == 1 else (16, 2)
     ids = torch.randint(0, 128, shape, generator=g)
@@ -195,6 +204,11 @@ OPTIONS = {
 def test_every_family_matches_dense(name, cp, options):
     """Each family at tp=2 with and without CP, sequence parallelism and the fused overlap."""
     kwargs, expected_paths = OPTIONS[options]
+    if name == "stablelm" and cp > 1:  # its attention does not use the attention interface
+        with pytest.raises(RankFailure, match=r"cp=2 but no attention of StableLmForCausalLM was "
+                                              r"made context-parallel"):
+            run_on_ranks(_parity, 4, name, 2, cp, kwargs, timeout=180)
+        return
     modules, paths = run_on_ranks(_parity, 4, name, 2, cp, kwargs, timeout=180)[0]
     assert expected_paths <= paths
     if name == "olmo2":
@@ -204,6 +218,37 @@ def test_every_family_matches_dense(name, cp, options):
 @pytest.mark.parametrize("cp", [1, 2])
 def test_a_hand_written_plan_matches_dense(cp):
     _, paths = run_on_ranks(_parity, 4, "mistral", 2, cp, {"plan": readme_plan()}, timeout=180)[0]
+    assert OPTIONS["defaults"][1] <= paths
+
+
+def moe_plan(model):
+    """The structural plan, with the experts block marked as acting on each token alone."""
+    from parallelkit.models.decoder import structural_plan
+    from parallelkit.parallel_styles import Replicated
+
+    return {**structural_plan(model), "model.layers.*.mlp": Replicated()}
+
+
+def _mixture_of_experts_guards():
+    mpu.initialize(tp=2)
+    build = MODELS["mixtral"][0]
+    # The experts block has no style: under SP its gradients would be partial over TP.
+    with pytest.warns(UserWarning, match=r"sequence parallelism is off, because the plan places "
+                                         r"no style on model.layers.0.mlp.gate.weight"):
+        model = parallelize(build())
+    assert not model.model.layers[0].self_attn.q_proj.sequence_parallel
+    with pytest.raises(ValueError, match=r"sequence_parallel=True, but the plan for "
+                                         r"MixtralForCausalLM places no style on "
+                                         r"model.layers.0.mlp.gate.weight, "):
+        parallelize(build(), sequence_parallel=True)
+
+
+def test_a_mixture_of_experts_is_never_partial():
+    """Mixtral: without a style for its experts sequence parallelism stays off (and matches the
+    dense model); with Replicated() on them it is on and matches too."""
+    run_on_ranks(_mixture_of_experts_guards, 4, timeout=120)
+    run_on_ranks(_parity, 4, "mixtral", 2, 1, {}, timeout=180)
+    _, paths = run_on_ranks(_parity, 4, "mixtral", 2, 2, {"plan": moe_plan}, timeout=180)[0]
     assert OPTIONS["defaults"][1] <= paths
 
 
@@ -238,23 +283,26 @@ def _forward_raises(config_name, model_name, extra, match):
     config = getattr(transformers, config_name)(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
-    model = parallelize(getattr(transformers, model_name)(config))
-    ids = split_for_context_parallel(torch.zeros(2, 16, dtype=torch.long), state.cp.rank, 2, dim=1)
-    positions = context_parallel_positions(16, state.cp.rank, 2).expand(2, -1)
-    with pytest.raises(ValueError, match=match):
-        model(input_ids=ids, position_ids=positions)
+    with pytest.raises(ValueError, match=match):  # at conversion or at the first forward
+        model = parallelize(getattr(transformers, model_name)(config))
+        ids = split_for_context_parallel(torch.zeros(2, 16, dtype=torch.long), state.cp.rank, 2,
+                                         dim=1)
+        model(input_ids=ids, position_ids=context_parallel_positions(16, state.cp.rank, 2).expand(
+            2, -1))
 
 
 def test_attention_options_ring_attention_lacks_are_refused():
     """Under cp > 1 an attention option that changes the result and that ring attention does not
-    implement raises, naming it (a window shorter than the sequence; Gemma-2's soft-capping)."""
+    implement raises, naming it (a window shorter than the sequence at the call; Gemma-2's
+    soft-capping from its config, at conversion)."""
     run_on_ranks(_forward_raises, 4, "Phi3Config", "Phi3ForCausalLM",
                  dict(pad_token_id=0, sliding_window=15, attn_implementation="sdpa"),
                  r"Phi3Attention uses a sliding window of 15 tokens, shorter than the sequence "
                  r"\(16 tokens")
     run_on_ranks(_forward_raises, 4, "Gemma2Config", "Gemma2ForCausalLM",
                  dict(head_dim=16, attn_logit_softcapping=50.0, attn_implementation="eager"),
-                 r"Gemma2Attention passes softcap= .* use cp=1")
+                 r"Gemma2ForCausalLM uses attention logit soft-capping .* \(attn_logit_softcapping"
+                 r"=50.0\), .* use cp=1")
 
 
 def test_a_window_as_long_as_the_sequence_matches_dense():

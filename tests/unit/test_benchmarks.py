@@ -123,7 +123,8 @@ def test_readme_tables_of_older_records_show_their_scalar_fields(tmp_path):
 
 def test_the_runner_finds_the_benchmarks_and_their_hooks():
     names = runner.discover()
-    assert {"tp_layers", "overlap", "norms", "cross_entropy", "context_parallel"} <= set(names)
+    assert {"tp_layers", "overlap", "norms", "cross_entropy", "context_parallel",
+            "parallelize"} <= set(names)
     import benchmarks.bench_overlap as overlap
 
     assert runner.benchmark_argv(overlap, "quick") == overlap.QUICK

@@ -22,36 +22,59 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class AllGatherMatmulFunction(torch.autograd.Function):
-    """(``y``, the gathered ``x``): the ring produces the gathered input anyway, and a caller that
-    also needs it (a region whose module reads the whole sequence) gets it without a second
-    all-gather. Its gradient, if it is used, is reduce-scattered into ``x``'s."""
+    """(``all_gather(x) @ cat(weights)^T``, ``all_gather(x)``), the gather fused into the matmul's
+    ring (``fused``) or done first.
+
+    The gathered input is returned too: the ring assembles it anyway, and a caller that needs it
+    (a region whose module reads the whole sequence) then gets it without a second all-gather;
+    its gradient, if it is used, is reduce-scattered into ``x``'s. Only this rank's ``x`` is
+    saved for backward, which gathers it again for the weight gradient (as Megatron's
+    sequence-parallel linear does): the gathered ``[s, b, k]`` does not outlive the forward,
+    which is most of what sequence parallelism saves. Several weights (q, k and v) are
+    concatenated for the forward only, so no copy of them is kept either.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, group, chunks_per_rank):
+    def forward(ctx, x, group, chunks_per_rank, fused, *weights):
         tp = dist.get_world_size(group)
-        comm.record_traffic("all_gather", x.numel() * tp * x.element_size(), group)
-        y, gathered = native.all_gather_matmul(_rows(x), weight, group, chunks_per_rank)
-        ctx.save_for_backward(gathered, weight)
-        ctx.group, ctx.chunks, ctx.x_shape = group, chunks_per_rank, x.shape
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        if fused:
+            comm.record_traffic("all_gather", x.numel() * tp * x.element_size(), group)
+            y, gathered = native.all_gather_matmul(_rows(x), weight, group, chunks_per_rank)
+        else:
+            with comm.entry_checked():
+                gathered = comm.all_gather(_rows(x), 0, group)
+            y = gathered @ weight.t()
+        ctx.save_for_backward(x, *weights)
+        ctx.group, ctx.chunks, ctx.fused = group, chunks_per_rank, fused
         ctx.set_materialize_grads(False)
         lead = (tp * x.shape[0], *x.shape[1:-1])
         return y.view(*lead, weight.shape[0]), gathered.view(*lead, x.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y, grad_gathered):
-        gathered, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
+        x, *weights = ctx.saved_tensors
+        rows, group = _rows(x), ctx.group
+        grad_x, grad_weights = None, [None] * len(weights)
         if grad_y is not None:
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             grad_rows = _rows(grad_y)
-            comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
-                                grad_y.element_size(), ctx.group)
-            grad_x = native.matmul_reduce_scatter(grad_rows, weight.t(), ctx.group, ctx.chunks)
-            grad_weight = grad_rows.t() @ gathered
+            if ctx.fused:
+                comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
+                                    grad_y.element_size(), group)
+                grad_x = native.matmul_reduce_scatter(grad_rows, weight.t(), group, ctx.chunks)
+            else:
+                with comm.entry_checked():
+                    grad_x = comm.reduce_scatter(grad_rows @ weight, 0, group)
+            with comm.entry_checked():
+                gathered = comm.all_gather(rows, 0, group)
+            grad_weights = (grad_rows.t() @ gathered).split([w.shape[0] for w in weights])
         if grad_gathered is not None:
-            more = comm.reduce_scatter(_rows(grad_gathered), 0, ctx.group)
+            with comm.entry_checked():
+                more = comm.reduce_scatter(_rows(grad_gathered), 0, group)
             grad_x = more if grad_x is None else grad_x + more
-        grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
-        return grad_x, grad_weight, None, None
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return (grad_x, None, None, None, *grad_weights)
 
 
 class MatmulReduceScatterFunction(torch.autograd.Function):
@@ -84,19 +107,22 @@ def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, group: dist.Process
     Returns ``[s, b, n]``. ``(s/tp) * b`` must divide by ``chunks_per_rank``. Every rank's x
     travels the ring: the ranks must agree on its shape and dtype, and on ``chunks_per_rank``.
     """
-    return all_gather_matmul_and_input(x, weight, group, chunks_per_rank)[0]
+    return all_gather_matmul_and_input(x, [weight], group, chunks_per_rank)[0]
 
 
-def all_gather_matmul_and_input(x: torch.Tensor, weight: torch.Tensor,
-                                group: dist.ProcessGroup, chunks_per_rank: int = 1
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`all_gather_matmul` that also returns the gathered ``x`` (``[s, b, k]``), which
-    the ring assembles anyway; both outputs are differentiable."""
+def all_gather_matmul_and_input(x: torch.Tensor, weights: list[torch.Tensor],
+                                group: dist.ProcessGroup, chunks_per_rank: int = 1, *,
+                                fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(all_gather(x) @ cat(weights)^T, all_gather(x))``: :func:`all_gather_matmul` against
+    several weights ``[n_i, k]`` at once (a region's q, k and v), also returning the gathered
+    ``x`` ``[s, b, k]`` (see :class:`AllGatherMatmulFunction`); both outputs are
+    differentiable. ``fused=False`` gathers first, then multiplies (same results, same saved
+    tensors)."""
     comm.check_ranks_agree(group, "all_gather_matmul", ranks="tensor-parallel",
                            x_shape=x.shape, dtype=x.dtype, chunks_per_rank=chunks_per_rank,
                            fix="every TP rank must pass its s/tp tokens of the same batch (equal "
                                "x shapes) in one dtype, with the same chunks_per_rank")
-    return AllGatherMatmulFunction.apply(x, weight, group, chunks_per_rank)
+    return AllGatherMatmulFunction.apply(x, group, chunks_per_rank, fused, *weights)
 
 
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup,

@@ -185,19 +185,20 @@ class ColumnParallelLinear(_ParallelLinear):
                                 self.weight, self.tp_group, self.chunks_per_rank)
             y = y if self.bias is None else y + self.bias
         else:
-            if self.sequence_parallel:
+            if self.sequence_parallel:  # saves this rank's tokens only, gathered again later
                 self._count_path("all-gather then matmul")
-                x = mappings.gather_from_sp_region(x, self.tp_group, dim=self._sequence_dim(x))
+                y = _sequence_first(_gather_then_matmul, x, self._sequence_dim(x), self.weight,
+                                    self.tp_group)
+                y = y if self.bias is None else y + self.bias
             else:
                 self._count_path("matmul (all-reduce in backward)")
-                x = mappings.copy_to_tp_region(x, self.tp_group)
-            y = F.linear(x, self.weight, self.bias)
+                y = F.linear(mappings.copy_to_tp_region(x, self.tp_group), self.weight, self.bias)
         return mappings.gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
     def _forward_in_region(self, x: torch.Tensor) -> torch.Tensor:
         """Inside a sequence-parallel region (``region.py``): ``x`` is the sequence the region
-        gathered on entry (whose backward reduce-scatters this layer's input gradient), and
-        with overlap_comm the region's fused ring has computed this layer's product already."""
+        gathered on entry, where it computed this layer's product already (and whose backward
+        reduce-scatters this layer's input gradient)."""
         call = self.region_call
         if x is not call.gathered:
             raise RuntimeError(f"{type(self).__name__} belongs to a sequence-parallel region and "
@@ -206,12 +207,8 @@ class ColumnParallelLinear(_ParallelLinear):
                                f"of shape {tuple(x.shape)}: ParallelRegion fits a module that "
                                "passes its input straight to its column layers; for this one use "
                                "sequence_parallel=False or a plan without ParallelRegion")
-        if call.product is None:
-            self._count_path("matmul on the region's gathered sequence")
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            self._count_path("fused all_gather_matmul shared by the region")
-            y = call.product if self.bias is None else call.product + self.bias
+        self._count_path(call.path)
+        y = call.product if self.bias is None else call.product + self.bias
         return mappings.gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
 
@@ -276,6 +273,11 @@ class RowParallelLinear(_ParallelLinear):
             self._count_path("matmul then all-reduce")
             y = mappings.reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias
+
+
+def _gather_then_matmul(x: torch.Tensor, weight: torch.Tensor,
+                        group: dist.ProcessGroup) -> torch.Tensor:
+    return overlap.all_gather_matmul_and_input(x, [weight], group, fused=False)[0]
 
 
 def _sequence_first(fused_op: Callable, x: torch.Tensor, dim: int, *args) -> torch.Tensor:

@@ -9,15 +9,16 @@ whole module must see the whole sequence. ``install_region`` hooks the module so
 
 - on entry its ``hidden_states`` (first positional argument or keyword) is all-gathered along the
   sequence, and the module runs on ``[b, s, h]``;
-- its column layers (``ColumnParallelLinear`` with ``sequence_parallel``) take that gathered input
-  as it is: no gather of their own and no all-reduce in backward, since the gather's backward
-  reduce-scatters their summed input gradient;
+- its column layers (``ColumnParallelLinear`` with ``sequence_parallel``) are computed at entry
+  too, in one matmul against their weights concatenated (q, k and v together), and each returns
+  its slice of the product when the module calls it; the gather's backward reduce-scatters
+  their summed input gradient;
 - its row layers reduce-scatter their output back to ``[b, s/tp, h]`` as usual.
 
-With ``overlap_comm`` the gather is fused into the column layers' matmul: one ring
-``all_gather_matmul`` against their weights concatenated (q, k and v together), which also yields
-the gathered input that the module is given; each column layer then returns its slice of the
-product. A column layer of a region called with anything but the region's gathered input raises.
+With ``overlap_comm`` the gather is fused into that matmul (one ring ``all_gather_matmul``,
+which also yields the gathered input the module is given). Either way only this rank's tokens are
+saved for backward (``ops/overlap.py``). A column layer of a region called with anything but the
+region's gathered input raises.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
     from parallelkit.tensor_parallel.linear import ColumnParallelLinear
 
     bound = bind_group(tp_group, "tp")
+    path = ("fused all_gather_matmul" if overlap_comm else "all-gather then matmul") + \
+        " shared by the region"
 
     def columns() -> list[ColumnParallelLinear]:
         found = [m for m in module.modules()
@@ -55,19 +58,14 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
         first = layers[0]
         first._check_input(x, first.in_features, "the full input features", split_sequence=True)
         dim = mappings.sequence_dim_of(type(mod).__name__, x.shape, sequence_dim)
-        if overlap_comm:
-            weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 \
-                else first.weight
-            front = x.movedim(dim, 0).contiguous()  # the ring splits the leading dim
-            y, full = overlap.all_gather_matmul_and_input(front, weight, bound.group,
-                                                          chunks_per_rank)
-            y, full = y.movedim(0, dim), full.movedim(0, dim)
-            outputs = y.split([layer.weight.shape[0] for layer in layers], dim=-1)
-        else:
-            full = mappings.gather_from_sp_region(x, bound.group, dim=dim)
-            outputs = [None] * len(layers)
+        front = x.movedim(dim, 0).contiguous()  # the gather (and the ring) split the leading dim
+        y, full = overlap.all_gather_matmul_and_input(
+            front, [layer.weight for layer in layers], bound.group, chunks_per_rank,
+            fused=overlap_comm)
+        y, full = y.movedim(0, dim), full.movedim(0, dim)
+        outputs = y.split([layer.weight.shape[0] for layer in layers], dim=-1)
         for layer, out in zip(layers, outputs):
-            layer.region_call = RegionCall(full, out)
+            layer.region_call = RegionCall(full, out, path)
         if args:
             return (full, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": full}
@@ -83,7 +81,7 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
 
 class RegionCall:
     """What a column layer of a region gets for one call of the region: the gathered input it
-    must be called with, and its product already computed by the fused ring (or None)."""
+    must be called with, its product (already computed, without bias) and the path taken."""
 
-    def __init__(self, gathered: torch.Tensor, product: torch.Tensor | None):
-        self.gathered, self.product = gathered, product
+    def __init__(self, gathered: torch.Tensor, product: torch.Tensor, path: str):
+        self.gathered, self.product, self.path = gathered, product, path

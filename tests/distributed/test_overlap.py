@@ -56,38 +56,43 @@ def test_fused_equals_unfused(op, tp, dtype, chunks, s, b, k, n):
     run_on_ranks(_compare, 4, op, tp, s, b, k, n, dtype, chunks)
 
 
-def _gathered_input_is_differentiable(use_y):
-    """all_gather_matmul_and_input: the gathered x equals the all-gather, and a loss that uses it
-    (alone, or with y) gives x the gradient of the unfused gather-then-matmul, in float64."""
+def _gathered_input_is_differentiable(use_y, fused):
+    """all_gather_matmul_and_input against two weights (a region's q and k): y equals the
+    gathered x times each weight, the gathered x equals the all-gather, and a loss that uses it
+    (alone, or with y) gives x and the weights the unfused path's gradients, in float64."""
     state = mpu.initialize(tp=2)
     group, rank = state.tp.group, state.tp.rank
     x = seeded((8, 2, 6), torch.float64, 1).chunk(2)[rank]
-    weight = seeded((5, 6), torch.float64, 2 + rank)
-    grads = []
-    for fused in (True, False):
-        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        if fused:
-            y, full = all_gather_matmul_and_input(xi, wi, group, 2)
+    weights = [seeded((5, 6), torch.float64, 2 + rank), seeded((3, 6), torch.float64, 4 + rank)]
+    results = []
+    for ours in (True, False):
+        xi = x.clone().requires_grad_()
+        wi = [w.clone().requires_grad_() for w in weights]
+        if ours:
+            y, full = all_gather_matmul_and_input(xi, wi, group, 2, fused=fused)
         else:
             full = mappings.gather_from_sp_region(xi, group)
-            y = F.linear(full, wi)
+            y = torch.cat([F.linear(full, w) for w in wi], -1)
         loss = (full * seeded(full.shape, torch.float64, 7 + rank)).sum()
         if use_y:
             loss = loss + (y * seeded(y.shape, torch.float64, 9 + rank)).sum()
         loss.backward()
-        grads.append((full.detach(), xi.grad, wi.grad))
-    (full_f, gx_f, gw_f), (full_u, gx_u, gw_u) = grads
-    assert torch.equal(full_f, full_u)
-    assert_close(gx_f, gx_u, name="grad x", terms=5 + 2)
-    if use_y:
-        assert_close(gw_f, gw_u, name="grad weight", terms=16)
-    else:
-        assert gw_f is None  # y unused: no gradient reaches the weight
+        results.append((y.detach(), full.detach(), xi.grad, *(w.grad for w in wi)))
+    ours, reference = results
+    assert torch.equal(ours[1], reference[1])
+    assert_close(ours[0], reference[0], name="y", terms=6)
+    assert_close(ours[2], reference[2], name="grad x", terms=5 + 3 + 2)
+    for got, want in zip(ours[3:], reference[3:]):
+        if use_y:
+            assert_close(got, want, name="grad weight", terms=16)
+        else:
+            assert got is None and want is None  # y unused: no gradient reaches the weights
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("use_y", [False, True])
-def test_gathered_input_is_differentiable(use_y):
-    run_on_ranks(_gathered_input_is_differentiable, 2, use_y)
+def test_gathered_input_is_differentiable(use_y, fused):
+    run_on_ranks(_gathered_input_is_differentiable, 2, use_y, fused)
 
 
 def _paths_are_counted():

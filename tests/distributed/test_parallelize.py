@@ -191,7 +191,7 @@ def readme_plan():
 OPTIONS = {
     "defaults": ({}, {"fused all_gather_matmul shared by the region",
                       "fused matmul_reduce_scatter"}),
-    "sp": ({"overlap_comm": False}, {"matmul on the region's gathered sequence",
+    "sp": ({"overlap_comm": False}, {"all-gather then matmul shared by the region",
                                      "matmul then reduce-scatter"}),
     "no-sp": ({"sequence_parallel": False}, {"matmul (all-reduce in backward)",
                                              "matmul then all-reduce"}),

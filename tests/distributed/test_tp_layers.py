@@ -153,13 +153,16 @@ def _mlp_traffic(sequence_parallel):
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_mlp_communicates_what_the_algorithm_needs(sequence_parallel):
-    """Column → Row: one all-reduce of [s, b, h] each way, or an all-gather plus a
-    reduce-scatter each way under sequence parallelism; nothing more."""
+    """Column → Row: one all-reduce of [s, b, h] each way, or under sequence parallelism an
+    all-gather plus a reduce-scatter each way and the column layer's input gathered once more in
+    backward for its weight gradient (it keeps only this rank's tokens, as Megatron's does);
+    nothing more."""
     nbytes = 8 * 2 * 16 * 4
     calls, payload, wire = run_on_ranks(_mlp_traffic, 4, sequence_parallel)[0]
     if sequence_parallel:
-        assert calls == {"all_gather": 2, "reduce_scatter": 2}
-        assert payload == {"all_gather": 2 * nbytes, "reduce_scatter": 2 * nbytes}
+        assert calls == {"all_gather": 3, "reduce_scatter": 2}
+        assert payload == {"all_gather": 3 * nbytes, "reduce_scatter": 2 * nbytes}
+        assert wire == 5 * (3 / 4) * nbytes
     else:
         assert calls == {"all_reduce": 2} and payload == {"all_reduce": 2 * nbytes}
-    assert wire == 4 * (3 / 4) * nbytes
+        assert wire == 4 * (3 / 4) * nbytes

@@ -54,8 +54,14 @@ def measure(tp: int, sequence_parallel: bool, seq: int, batch: int, hidden: int,
     return {"seconds": seconds, "wire_bytes": traffic.wire, "calls": dict(traffic.calls)}
 
 
-def theoretical_wire_bytes(tp: int, seq: int, batch: int, hidden: int, elem: int) -> float:
-    return 4 * (tp - 1) / tp * seq * batch * hidden * elem
+def theoretical_wire_bytes(tp: int, seq: int, batch: int, hidden: int, elem: int,
+                           sequence_parallel: bool = False) -> float:
+    """What Megatron's algorithm puts on a ring per rank, in units of (tp-1)/tp·[s, b, h]: two
+    all-reduces (forward, backward) of two units each (a reduce-scatter and an all-gather), and
+    under sequence parallelism a fifth, the column layer's input gathered again in backward
+    (only this rank's tokens are kept)."""
+    units = 5 if sequence_parallel else 4
+    return units * (tp - 1) / tp * seq * batch * hidden * elem
 
 
 def run(seq: int, batch: int, hidden: int, max_tp: int, repeats: int, warmup: int) -> list[dict]:
@@ -65,7 +71,8 @@ def run(seq: int, batch: int, hidden: int, max_tp: int, repeats: int, warmup: in
             for sequence_parallel in (False, True):
                 result = local.run(measure, tp, sequence_parallel, seq, batch, hidden, repeats,
                                    warmup, timeout=600)[0]
-                theory = theoretical_wire_bytes(tp, seq, batch, hidden, elem=4)
+                theory = theoretical_wire_bytes(tp, seq, batch, hidden, elem=4,
+                                                sequence_parallel=sequence_parallel)
                 rows.append({"tp": tp, "sp": sequence_parallel, "tokens": seq * batch,
                              "hidden": hidden, **summarize(result["seconds"]),
                              # per rank: up and down, 2·T·h·4h/tp each forward, twice that back

@@ -54,8 +54,16 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
     def enter(mod, args, kwargs):
         bound.check(mod)
         layers = columns()
+        if not args and "hidden_states" not in kwargs:
+            raise ValueError(f"{type(mod).__name__} is a sequence-parallel region: its input must "
+                             "be its first positional argument or hidden_states=")
         x = args[0] if args else kwargs["hidden_states"]
         first = layers[0]
+        widths = {layer.in_features for layer in layers}
+        if len(widths) > 1:
+            raise ValueError(f"{type(mod).__name__} is a sequence-parallel region, but its column "
+                             f"layers take inputs of different widths {sorted(widths)}: they "
+                             "must all read the region's input")
         first._check_input(x, first.in_features, "the full input features", split_sequence=True)
         dim = mappings.sequence_dim_of(type(mod).__name__, x.shape, sequence_dim)
         front = x.movedim(dim, 0).contiguous()  # the gather (and the ring) split the leading dim
@@ -76,7 +84,6 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
 
     module.register_forward_pre_hook(enter, with_kwargs=True)
     module.register_forward_hook(leave, with_kwargs=True, always_call=True)
-    module.sequence_parallel_region = True
 
 
 class RegionCall:

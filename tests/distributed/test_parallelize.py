@@ -349,7 +349,8 @@ def _loss_parallel(name, cp):
     assert model(input_ids=local, position_ids=positions).logits.shape[-1] == 128
 
 
-@pytest.mark.parametrize("name, cp", [("llama", 1), ("llama", 2), ("gpt2", 1), ("qwen3", 2)])
+@pytest.mark.parametrize("name, cp", [("llama", 1), ("llama", 2), ("gpt2", 1), ("gpt2", 2),
+                                      ("qwen3", 2), *((n, 1) for n in sorted(FAMILY_MODELS))])
 def test_loss_parallel_matches_the_dense_loss(name, cp):
     run_on_ranks(_loss_parallel, 4, name, cp, timeout=180)
 

@@ -1,8 +1,8 @@
 """The structural plan: a standard decoder recognised by its module names, or a clear refusal.
 
-Every ``nn.Linear`` inside the decoder layers must be placed: attention q/k/v (column) and o
-(row), a gated (gate/up column, down row) or plain (fc1/up column, fc2/down row) MLP. The modules
-that call them (attention, MLP) are parallel regions. The input embedding is vocab-parallel, the
+Every ``nn.Linear`` inside the decoder layers must be placed: attention q/k/v or a fused qkv
+(column) and o (row), a gated (gate/up or a fused gate_up column, down row) or plain (fc1/up
+column, fc2/down row) MLP. The modules that call them (attention, MLP) are parallel regions. The input embedding is vocab-parallel, the
 output embedding the LM head. Norms are placed by where they act: a norm of the decoder layer
 itself (or after the stack) sees the residual stream, so it is a sequence-parallel norm; a norm
 inside the attention acts on a column layer's sharded output: per head (Qwen3's q/k norms over
@@ -23,7 +23,20 @@ from parallelkit.parallel_styles import (ColwiseParallel, LMHead, ParallelRegion
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj",
           "fc1", "c_fc", "w1", "w3", "dense_h_to_4h"}
-ROW = {"o_proj", "out_proj", "down_proj", "fc2", "w2", "dense_4h_to_h"}
+# "c_proj" and "dense" are the output projections of attention and MLP blocks (GPT-2 style,
+# Starcoder2; Phi, GPT-NeoX): inside a decoder layer they always close a block.
+ROW = {"o_proj", "out_proj", "down_proj", "fc2", "w2", "dense_4h_to_h", "c_proj", "dense"}
+
+
+def _qkv_parts(model: nn.Module) -> list[int]:
+    heads, kv_heads = config_heads(model)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
+# Fused column projections laid out part after part ([q | k | v], [gate | up]): each part is
+# split across ranks, so a rank keeps its heads of q, k and v and its halves of gate and up.
+FUSED = {"qkv_proj": _qkv_parts, "gate_up_proj": lambda model: 2}
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -38,13 +51,14 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def structural_plan(model: nn.Module) -> dict:
     """{pattern: style} for ``model`` by its structure; ValueError naming an unplaceable module."""
     stack, layers = decoder_layers(model)
-    plan, regions = {}, set()
+    plan, regions = {}, set()  # regions: the modules that call column layers
     for name, module in layers[0].named_modules():
         leaf = name.rsplit(".", 1)[-1]
         pattern = f"{stack}.*.{name}"
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            if leaf in COLUMN:
-                plan[pattern] = ColwiseParallel()
+            if leaf in COLUMN or leaf in FUSED:
+                plan[pattern] = ColwiseParallel(parts=FUSED[leaf](model) if leaf in FUSED
+                                                else None)
                 regions.add(name.rpartition(".")[0])
             elif leaf in ROW:
                 plan[pattern] = RowwiseParallel()

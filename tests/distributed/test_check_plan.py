@@ -64,6 +64,25 @@ def test_family_plan_passes_through_the_function(name):
         shrink_config(FUNCTION_CASES[name], 2, 16)).named_parameters()))
 
 
+# Architectures with no family file, converted by the structural plan at tp=2 x cp=2 with the
+# defaults (sequence parallelism, fused overlap, vocab-parallel loss).
+STRUCTURAL_CASES = {
+    # attention out projection "dense", plain fc1/fc2 MLP, partial rotary, LayerNorm with bias
+    "phi": transformers.PhiConfig(architectures=["PhiForCausalLM"]),
+    # GPT-2 style MLP names c_fc / c_proj with biases
+    "starcoder2": transformers.Starcoder2Config(architectures=["Starcoder2ForCausalLM"]),
+    # a fused [gate | up] projection, split part by part
+    "glm": transformers.GlmConfig(architectures=["GlmForCausalLM"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURAL_CASES))
+def test_the_structural_plan_passes_beyond_the_families(name):
+    report = check_plan(STRUCTURAL_CASES[name].to_dict(), tp=2, cp=2)
+    assert report.exit_code == 0, report.format()
+    assert report.options["sequence_parallel"] and report.options["overlap_comm"]
+
+
 def up_paired_wrongly(model):
     """The Llama plan with up_proj split as if it were a fused [gate | up]: rank r's up rows no
     longer match its gate rows."""

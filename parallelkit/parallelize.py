@@ -38,6 +38,7 @@ from parallelkit.parallel_styles import (ColwiseParallel, ContextParallel, Conve
                                          RowwiseParallel, SequenceParallelEntry, VocabParallel)
 from parallelkit.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                          register_sequence_parallel_grad_hooks)
+from parallelkit.recompute import MODES, apply_recompute
 from parallelkit.tensor_parallel.cross_entropy import causal_lm_loss
 
 # Plans written with the earlier string names still work.
@@ -53,6 +54,7 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
                 sequence_parallel: bool | None = None,
                 overlap_comm: bool | None = None, loss_parallel: bool = True,
                 cp_layout: str = "zigzag", chunks_per_rank: int = 1,
+                recompute: str | None = None,
                 tp_group: dist.ProcessGroup | None = None,
                 cp_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Convert ``model`` in place for the TP and CP groups (default: the MPU's) and return it.
@@ -71,7 +73,12 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
             feeds its own tokens in this order (``split_for_context_parallel``), their global
             ``position_ids`` (``context_parallel_positions``) and, for a loss, ``shift_labels``
             split the same way (the next token of a rank's last one lives on another rank).
+        recompute: None, "selective" (each decoder layer's attention core) or "full" (each
+            decoder layer) is recomputed in backward, every random stream replayed exactly
+            (``parallelkit.recompute``).
     """
+    if recompute not in MODES:
+        raise ValueError(f"recompute={recompute!r} must be one of {MODES}")
     family = family_of(model)
     plan = _resolve_plan(model, plan, family)
     tp_bound = bind_group(tp_group, "tp")
@@ -104,6 +111,8 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
         model.register_forward_pre_hook(_refuse_partial_logits, with_kwargs=True)
     if options.loss_parallel and tp > 1:
         _use_vocab_parallel_loss(model, conversion)
+    if recompute is not None:  # last: it wraps the attention implementation CP installed
+        apply_recompute(model, recompute)
     return model
 
 

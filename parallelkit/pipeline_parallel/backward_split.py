@@ -14,13 +14,21 @@ torch.distributed.pipelining approach): it does not recompute the input-gradient
 Nodes whose parameter branches share a parameter (a weight used twice) are run by one autograd
 call in W; each such node's incoming gradient is pinned to its recorded value, so the path
 between them (which that call then also walks) cannot count a contribution twice.
+
+Recomputed (checkpointed, ``parallelkit.recompute``) regions: torch's non-reentrant checkpoint
+recomputes once per autograd call that unpacks the region's tensors, and a recomputed tensor is
+freed once unpacked. B recomputes; W re-runs B's nodes, so it recomputes again. W's calls share
+one recompute (a ``GraphExecGroup``) when no two of them walk the same node, i.e. when no group
+joins several nodes; otherwise each call recomputes. Exact either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 
@@ -107,6 +115,21 @@ def _group_by_shared_parameters(hanging: dict[Node, frozenset[Node]]) -> list[tu
 
 def _backward_weight(groups, captured: dict[Node, tuple]) -> None:
     """W: the parameter gradients from the gradients B recorded, accumulated into ``.grad``."""
+    with _one_recompute(groups):
+        _run_weight_groups(groups, captured)
+
+
+def _one_recompute(groups):
+    """One recompute of each checkpointed region for all of W's calls, where allowed: the calls
+    must not unpack a saved tensor twice (a group of several nodes walks the path between them)."""
+    group_type = getattr(torch_checkpoint, "GraphExecGroup", None)  # torch >= 2.9
+    if (group_type is None or group_type._get_current_group() is not None
+            or any(len(nodes) > 1 for nodes, _ in groups)):
+        return contextlib.nullcontext()
+    return group_type()
+
+
+def _run_weight_groups(groups, captured: dict[Node, tuple]) -> None:
     for nodes, leaves in groups:
         edges, grads = [], []
         for node in nodes:

@@ -13,11 +13,16 @@ second, per-TP-rank stream is swapped in for the sharded regions:
 
 ``get_states()``/``set_states()`` save and restore the streams with a checkpoint. Works on the
 CPU generator or the current CUDA device's, chosen when the tracker is made.
+
+Activation recomputation replays a forward in backward, so it needs every stream at once:
+:func:`rng_snapshot` takes the default CPU generator's state, every CUDA device's (once CUDA is
+initialised) and every tracker stream's; :func:`restore_rng_snapshot` puts them all back.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -111,3 +116,34 @@ def model_parallel_seed(seed: int, tp_group: dist.ProcessGroup | None = None,
     _tracker = RNGStatesTracker(device_type)
     _tracker.add(MODEL_PARALLEL_RNG, seed + TP_SEED_OFFSET + tp_rank)
     return _tracker
+
+
+@dataclass(frozen=True)
+class RNGSnapshot:
+    """Every random stream a forward can draw from: the CPU generator, each CUDA device's
+    generator (None while CUDA is not initialised: nothing can have drawn from it), and the
+    tracker's named streams (None without a tracker)."""
+
+    cpu: torch.Tensor
+    cuda: tuple[torch.Tensor, ...] | None
+    tracker: dict[str, torch.Tensor] | None
+
+
+def rng_snapshot() -> RNGSnapshot:
+    """The current state of every stream (copies)."""
+    cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else None
+    return RNGSnapshot(torch.get_rng_state(), cuda,
+                       _tracker.get_states() if _tracker is not None else None)
+
+
+def restore_rng_snapshot(snapshot: RNGSnapshot) -> None:
+    """Put every stream back to ``snapshot``. A snapshot taken before CUDA was initialised
+    leaves the CUDA generators alone; one taken without a tracker, the tracker's streams."""
+    torch.set_rng_state(snapshot.cpu)
+    if snapshot.cuda is not None:
+        torch.cuda.set_rng_state_all(snapshot.cuda)
+    if snapshot.tracker is not None:
+        if _tracker is None:
+            raise ValueError("the RNG snapshot holds model-parallel streams, but the tracker is "
+                             "gone (model_parallel_seed was not called in this process?)")
+        _tracker.set_states(snapshot.tracker)

@@ -2,6 +2,11 @@
 
 A bucket owns one contiguous 1-D gradient buffer ``grad_data`` and every ``param.grad`` in it is a
 view into that buffer, so autograd accumulates straight into what the collective sends (no copy).
+A bucket of bf16/fp16 parameters may instead hold fp32 *main grads* (see ``precision.py``): then
+``param.main_grad`` is the view and ``param.grad`` is only each backward's half-precision gradient,
+which the wrapper adds into it. Every bucketed parameter has ``param.main_grad`` (the same view
+as ``param.grad`` when the dtypes agree); :func:`accumulated_grad` is what optimizers and clipping
+read.
 With the distributed optimizer the bucket also owns ``param_data``: ``param.data`` are views into
 it, so the updated parameter shards are all-gathered straight into the parameters.
 
@@ -74,6 +79,7 @@ class Bucket:
     offsets: list[int]
     grad_data: torch.Tensor
     shards: int = 1
+    param_dtype: torch.dtype | None = None  # the parameters' dtype when built; default grad_data's
     param_data: torch.Tensor | None = None  # [numel], only with the distributed optimizer
     grad_shard: torch.Tensor | None = None  # [numel/shards], the reduce-scatter output
     # Per synchronisation round: parameters whose last gradient arrived, and the collective.
@@ -82,30 +88,43 @@ class Bucket:
 
     def __post_init__(self):
         self._position_of = {id(param): i for i, param in enumerate(self.params)}
+        if self.param_dtype is None:
+            self.param_dtype = self.grad_data.dtype
 
     @classmethod
     def create(cls, index: int, params: list[nn.Parameter], shards: int = 1,
-               own_params: bool = False) -> "Bucket":
-        """Allocate the buffers and point every ``param.grad`` (and ``param.data`` when
-        ``own_params``) at its slice."""
+               own_params: bool = False, grad_dtype: torch.dtype | None = None) -> "Bucket":
+        """Allocate the buffers (the gradients in ``grad_dtype``, default the parameters') and
+        point every gradient (and ``param.data`` when ``own_params``) at its slice."""
         offsets, total = [], 0
         for param in params:
             offsets.append(total)
             total += param.numel()
         numel = -(-total // shards) * shards
         like = params[0]
-        grad_data = torch.zeros(numel, dtype=like.dtype, device=like.device)
-        bucket = cls(index, params, offsets, grad_data, shards)
+        grad_data = torch.zeros(numel, dtype=grad_dtype or like.dtype, device=like.device)
+        bucket = cls(index, params, offsets, grad_data, shards, param_dtype=like.dtype)
         if own_params:
-            bucket.param_data = torch.zeros_like(grad_data)
+            bucket.param_data = torch.zeros(numel, dtype=like.dtype, device=like.device)
             bucket.grad_shard = grad_data.new_zeros(numel // shards)
             for param, offset in zip(params, offsets):
                 view = bucket._slice(bucket.param_data, param, offset)
                 view.copy_(param.detach())
                 param.data = view
         for param in params:
-            param.grad = bucket.grad_view(param)
+            bucket.point_grads_at_buffer(param)
         return bucket
+
+    @property
+    def holds_main_grads(self) -> bool:
+        """Whether the buffer is wider than the parameters (fp32 for bf16/fp16 parameters)."""
+        return self.grad_data.dtype != self.param_dtype
+
+    def point_grads_at_buffer(self, param: nn.Parameter) -> None:
+        """``param.main_grad`` becomes its view; so does ``param.grad`` unless the bucket holds
+        main grads, where ``param.grad`` is None until the next backward produces one."""
+        param.main_grad = self.grad_view(param)
+        param.grad = None if self.holds_main_grads else param.main_grad
 
     @property
     def numel(self) -> int:
@@ -141,6 +160,12 @@ class Bucket:
     @staticmethod
     def _slice(flat: torch.Tensor, param: nn.Parameter, offset: int) -> torch.Tensor:
         return flat[offset:offset + param.numel()].view_as(param)
+
+
+def accumulated_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient an optimizer steps with: ``param.main_grad`` where a bucket gave it one
+    (None when no rank computed a gradient for it), else ``param.grad``."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
 
 
 # --- Replica agreement: checks and syncs that keep a bucket's collective from ever mismatching ---

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallelkit.data_parallel.buckets import accumulated_grad
 from parallelkit.distributed import comm, mpu
 
 
@@ -77,22 +78,34 @@ def scale_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
         torch._foreach_mul_(same, coefficient.to(dtype))
 
 
+def clip_grads_(params: list[torch.Tensor], grads: list[torch.Tensor], max_norm: float,
+                norm_type: float = 2.0, *, tp_group: dist.ProcessGroup | None = None,
+                sum_groups: list[dist.ProcessGroup] | None = None) -> torch.Tensor:
+    """Clip ``grads`` (those of ``params``, in order: their TP layout decides what is counted
+    once) in place by their global norm over ``sum_groups`` (default ``[mp]``); returns it."""
+    total = global_grad_norm(grads, [is_tp_replicated(p) for p in params], norm_type,
+                             tp_group=tp_group, sum_groups=sum_groups)
+    scale_grads_(grads, max_norm, total)
+    return total
+
+
 def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0,
                     *, tp_group: dist.ProcessGroup | None = None,
                     mp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model split over TP and PP and replicated over DP.
 
     ``parameters``: this rank's parameters (this pipeline stage's, TP shards), with gradients
-    already averaged over DP (after ``finish_grad_sync``). Groups default to the MPU's TP and mp.
-    Returns the global norm (before clipping), equal on every rank.
+    already averaged over DP (after ``finish_grad_sync``). What is clipped is each parameter's
+    fp32 ``main_grad`` where the DP wrapper gave it one, else its ``.grad``
+    (:func:`~parallelkit.data_parallel.buckets.accumulated_grad`). With fp16 loss scaling, clip
+    through the optimizer's ``clip_grad_norm``, which unscales first. Groups default to the MPU's
+    TP and mp. Returns the global norm (before clipping), equal on every rank.
     """
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
+    pairs = [(p, accumulated_grad(p)) for p in parameters]
+    pairs = [(p, g) for p, g in pairs if g is not None]
     mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
-    total = global_grad_norm(grads, [is_tp_replicated(p) for p in params], norm_type,
-                             tp_group=tp_group, sum_groups=[mp_group])
-    scale_grads_(grads, max_norm, total)
-    return total
+    return clip_grads_([p for p, _ in pairs], [g for _, g in pairs], max_norm, norm_type,
+                       tp_group=tp_group, sum_groups=[mp_group])
 
 
 def _device(grads: list[torch.Tensor], group: dist.ProcessGroup) -> torch.device:

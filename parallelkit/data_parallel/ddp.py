@@ -34,6 +34,18 @@ Averaging group: DP x CP when the MPU has cp > 1 (CP ranks see other tokens of t
 so their gradients are partial too), DP otherwise. Gradients are scaled by 1/size before the sum:
 gloo has no AVG, and a pre-scaled fp16/bf16 sum stays in range.
 
+Mixed precision (``precision.py``): with bf16/fp16 parameters the buckets are fp32 by default
+(``grad_dtype``), so micro-batches accumulate and the DP reduction runs in fp32 (or in bf16 on
+request: ``reduce_dtype``). Every parameter then has ``param.main_grad``, an fp32 view into its
+bucket; the hook adds each backward's half-precision ``param.grad`` into it and sets ``.grad`` to
+None. The rules above hold for ``main_grad`` as they do for ``.grad``: after
+``finish_grad_sync`` it is the average, or None for a parameter no rank computed a gradient for
+(optimizers skip it), and ``zero_grad_buffer`` restores and zeroes the view. It accumulates until
+then, as ``.grad`` does. Step with
+:class:`~parallelkit.data_parallel.mixed_precision.MixedPrecisionOptimizer` (fp32 masters) or
+:class:`~parallelkit.data_parallel.zero.DistributedOptimizer`; a torch optimizer given the bf16
+parameters would see no ``.grad``.
+
 Sequence parallelism: parameters marked ``sequence_parallel`` (norms, biases after a row-parallel
 reduce-scatter) hold a partial gradient on each TP rank. The wrapper sums them over TP itself,
 in the bucket holding them, just before that bucket's DP collective starts (one flat all-reduce
@@ -45,15 +57,19 @@ per bucket, after the last micro-batch only). So do not also call
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from parallelkit.data_parallel.buckets import (DEFAULT_BUCKET_BYTES, Bucket,
                                                broadcast_from_first_rank_, check_replicas_agree,
                                                describe_tensor, plan_buckets, unsyncable_parameter)
+from parallelkit.data_parallel.precision import (bucket_grad_dtype, bucket_reduce_dtype,
+                                                 precision_error, start_reduction)
 from parallelkit.distributed import comm, mpu
 from parallelkit.distributed.groups import resolve_group
 from parallelkit.tensor_parallel.sequence_parallel import (is_reduced_in_backward,
@@ -83,29 +99,41 @@ class DistributedDataParallel(nn.Module):
         init_sync: broadcast every parameter from the group's first rank at wrap time (torch
             DDP's default and name), so that the replicas start identical. Buffers are left
             alone: with CP they may rightly differ between the group's ranks.
+        grad_dtype: for bf16/fp16 parameters, torch.float32 (the default: fp32 ``main_grad``
+            buckets) or their own dtype (``.grad`` views, as for fp32 models). Other parameters'
+            gradients always keep their dtype.
+        reduce_dtype: None (each bucket reduces in its own dtype) or the half dtype of the
+            parameters whose fp32 main grads are cast down for the collective and back after it.
     Raises ValueError, on every rank of the group, if the ranks' models differ (parameter
-    names, shapes, dtypes, order), or a parameter is where a bucket cannot sync it.
+    names, shapes, dtypes, order), a parameter is where a bucket cannot sync it, or
+    ``grad_dtype``/``reduce_dtype`` make no sense for the model.
     """
 
     def __init__(self, module: nn.Module, dp_group: dist.ProcessGroup | None = None, *,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_grad_reduce: bool = True,
                  use_distributed_optimizer: bool = False,
                  tp_group: dist.ProcessGroup | None = None, sync_sequence_parallel: bool = True,
-                 init_sync: bool = True):
+                 init_sync: bool = True, grad_dtype: torch.dtype | None = None,
+                 reduce_dtype: torch.dtype | None = None):
         super().__init__()
         plans = plan_buckets([p for p in module.parameters() if p.requires_grad], bucket_bytes)
         self.module = module
         self.dp_group = dp_group if dp_group is not None else default_dp_group()
         self.dp_size = dist.get_world_size(self.dp_group)
         self._check_replicas_agree(f"bucket_bytes={bucket_bytes}, "
-                                   f"use_distributed_optimizer={use_distributed_optimizer}")
+                                   f"use_distributed_optimizer={use_distributed_optimizer}, "
+                                   f"grad_dtype={grad_dtype}, reduce_dtype={reduce_dtype}",
+                                   precision_error(module, grad_dtype, reduce_dtype))
         if init_sync and self.dp_size > 1:
             broadcast_from_first_rank_(list(module.parameters()), self.dp_group, bucket_bytes)
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         shards = self.dp_size if use_distributed_optimizer else 1
-        self.buckets = [Bucket.create(i, params, shards, own_params=use_distributed_optimizer)
+        self.buckets = [Bucket.create(i, params, shards, own_params=use_distributed_optimizer,
+                                      grad_dtype=bucket_grad_dtype(params[0].dtype, grad_dtype))
                         for i, params in enumerate(plans)]
+        self._reduce_dtypes = [bucket_reduce_dtype(b.grad_data, b.param_dtype, reduce_dtype)
+                               for b in self.buckets]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._names = {id(p): name for name, p in module.named_parameters()}
         # Per bucket, its sequence-parallel parameters (summed over TP before the DP collective),
@@ -123,15 +151,17 @@ class DistributedDataParallel(nn.Module):
         self.sync_round = 0  # counts finish_grad_sync()s that synced and zero_grad_buffer()s
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
                        for b in self.buckets for p in b.params]
+        _refuse_plain_optimizers(self)
 
-    def _check_replicas_agree(self, options: str) -> None:
+    def _check_replicas_agree(self, options: str, precision: str | None) -> None:
         """Every rank of the group must build the same buckets (else the first collective aborts
         the process): same options, same parameters in the same order."""
         entries = [("the wrapper's options", options)] + [
             (f"parameter {name!r}", describe_tensor(p) + ("" if p.requires_grad else " frozen"))
             for name, p in self.module.named_parameters()]
         check_replicas_agree("DistributedDataParallel", entries, self.dp_group,
-                             local_error=unsyncable_parameter(self.module, self.dp_group),
+                             local_error=unsyncable_parameter(self.module, self.dp_group)
+                             or precision,
                              fix="every DP replica must hold the same model: build it "
                                  "identically on every rank (same config, same parallel sizes) "
                                  "before wrapping it")
@@ -160,11 +190,12 @@ class DistributedDataParallel(nn.Module):
     def finish_grad_sync(self) -> None:
         """Start the collectives that have not started, wait for all of them.
 
-        Afterwards every ``param.grad`` is the average over the DP group (with the distributed
-        optimizer: each bucket's ``grad_shard`` is this rank's averaged shard, and ``param.grad``
-        only this rank's own gradient / size), except that a parameter no rank computed a
-        gradient for has ``.grad = None``. A no-op when neither a forward through this wrapper
-        nor a gradient happened since the last call.
+        Afterwards every ``param.main_grad`` (and ``param.grad`` where it is the same view)
+        is the average over the DP group (with the distributed optimizer: each bucket's
+        ``grad_shard`` is this rank's averaged shard, and the views only this rank's own
+        gradient / size), except that a parameter no rank computed a gradient for has
+        ``.main_grad = None`` (and ``.grad = None``). A no-op when neither a forward through
+        this wrapper nor a gradient happened since the last call.
         """
         if not self._sync_enabled:
             raise RuntimeError("finish_grad_sync() was called inside no_sync(): call it after "
@@ -178,10 +209,12 @@ class DistributedDataParallel(nn.Module):
             bucket.handle = None
             bucket.ready.clear()
         for param, used in zip(self.bucketed_parameters(), used_anywhere):
-            if id(param) not in self._arrived:  # torch DDP's rule for a locally unused one:
-                # the average if some rank used it (.grad may be None after set_to_none), else
-                # no gradient (zero_grad_buffer() restores the view)
-                param.grad = self._bucket_of[id(param)].grad_view(param) if used else None
+            # torch DDP's rule for a locally unused one: the average if some rank used it (.grad
+            # may be None after set_to_none), else no gradient (zero_grad_buffer() restores it)
+            bucket = self._bucket_of[id(param)]
+            param.main_grad = bucket.grad_view(param) if used else None
+            if id(param) not in self._arrived and not bucket.holds_main_grads:
+                param.grad = param.main_grad
         self.unused_parameters = [self._name(p) for p in self.bucketed_parameters()
                                   if id(p) not in self._arrived]
         self._arrived.clear()
@@ -212,8 +245,9 @@ class DistributedDataParallel(nn.Module):
         return optimizer.register_step_pre_hook(lambda *_: self.check_grads_synced())
 
     def zero_grad_buffer(self) -> None:
-        """Zero every bucket and point each ``param.grad`` back at its view (also undoing an
-        optimizer's ``zero_grad(set_to_none=True)``)."""
+        """Zero every bucket and point each ``param.main_grad`` (and ``param.grad`` unless the
+        bucket holds main grads) back at its view (also undoing an optimizer's
+        ``zero_grad(set_to_none=True)``)."""
         if self._next_bucket:
             raise RuntimeError("zero_grad_buffer() while collectives are in flight: call "
                                "finish_grad_sync() first")
@@ -223,7 +257,7 @@ class DistributedDataParallel(nn.Module):
                 bucket.grad_shard.zero_()
             bucket.ready.clear()
             for param in bucket.params:
-                param.grad = bucket.grad_view(param)
+                bucket.point_grads_at_buffer(param)
         self._arrived.clear()
         self.sync_round += 1
 
@@ -239,7 +273,12 @@ class DistributedDataParallel(nn.Module):
                                "collective is in flight: call finish_grad_sync() after the last "
                                "micro-batch's backward, before the next backward")
         view = bucket.grad_view(param)
-        if param.grad.data_ptr() != view.data_ptr():
+        if bucket.holds_main_grads:
+            # Accumulate in fp32, and free the half-precision gradient: the next micro-batch's
+            # then arrives in a fresh tensor, which autograd hands over without a copy.
+            view.add_(param.grad)
+            param.grad = None
+        elif param.grad.data_ptr() != view.data_ptr():
             # Someone replaced .grad (zero_grad(set_to_none=True), create_graph): param.grad then
             # holds the whole accumulated gradient, so copy it in rather than add.
             view.copy_(param.grad)
@@ -271,11 +310,12 @@ class DistributedDataParallel(nn.Module):
         if param.grad.is_sparse:
             raise RuntimeError(f"{self._name(param)} got a sparse gradient, which a gradient "
                                "bucket cannot hold: build its module with sparse=False")
-        if param.dtype != flat.dtype or param.device != flat.device:
+        if param.dtype != bucket.param_dtype or param.device != flat.device:
             raise RuntimeError(f"{self._name(param)} is {param.dtype} on {param.device}, but its "
-                               f"gradient bucket holds {flat.dtype} on {flat.device}: the model "
-                               "was converted or moved after wrapping; call model.to(...) "
-                               "before DistributedDataParallel(model), not after")
+                               f"gradient bucket was built for {bucket.param_dtype} on "
+                               f"{flat.device}: the model was converted or moved after wrapping; "
+                               "call model.to(...) before DistributedDataParallel(model), not "
+                               "after")
 
     def _start(self, bucket: Bucket) -> None:
         """Sum the bucket's sequence-parallel gradients over TP, then start its DP collective."""
@@ -293,11 +333,35 @@ class DistributedDataParallel(nn.Module):
                 view.copy_(total)
         if self.dp_size > 1:
             bucket.grad_data.mul_(1.0 / self.dp_size)
-        if self.use_distributed_optimizer:
-            bucket.handle = comm.reduce_scatter_async(bucket.grad_data, bucket.grad_shard,
-                                                      self.dp_group)
-        else:
-            bucket.handle = comm.all_reduce_async_(bucket.grad_data, self.dp_group)
+        bucket.handle = start_reduction(bucket.grad_data, bucket.grad_shard,
+                                        self._reduce_dtypes[bucket.index], self.dp_group)
 
     def _name(self, param: nn.Parameter) -> str:
         return self._names.get(id(param), f"a parameter of shape {tuple(param.shape)}")
+
+
+def _refuse_plain_optimizers(ddp: DistributedDataParallel) -> None:
+    """A torch optimizer stepping half-precision parameters whose gradients live in fp32
+    ``main_grad`` buckets would see ``.grad = None`` and silently do nothing: make its step raise
+    (a global optimizer step pre-hook, removed when the wrapper is collected). The optimizers
+    that read ``main_grad`` step fp32 master copies, never these parameters."""
+    held = {id(p) for b in ddp.buckets if b.holds_main_grads for p in b.params}
+    if not held:
+        return
+    wrapper = weakref.ref(ddp)
+
+    def check(optimizer, args, kwargs):
+        if wrapper() is None:
+            return
+        for group in optimizer.param_groups:
+            if any(id(p) in held for p in group["params"]):
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} steps bf16/fp16 parameters whose gradients "
+                    "DistributedDataParallel accumulates in fp32 param.main_grad (their .grad is "
+                    "None): use parallelkit.data_parallel.MixedPrecisionOptimizer (fp32 master "
+                    "weights) or DistributedOptimizer, or wrap with grad_dtype=<the parameters' "
+                    "dtype> to keep half-precision .grad")
+
+    handle = register_optimizer_step_pre_hook(check)
+    weakref.finalize(ddp, handle.remove)
+

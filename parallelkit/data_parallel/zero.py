@@ -17,10 +17,16 @@ them (cast to the model dtype) into this rank's range of the bucket's parameter 
 all-gathers that buffer in place: ``param.data`` are views into it, so no copy follows.
 
 Master precision: a bf16/fp16 model gets fp32 masters by default (the bf16 weights are then only
-the rounding of the fp32 masters the optimizer keeps); fp32/fp64 models keep their dtype, and the
-masters' gradients are then views of the reduce-scatter output itself.
+the rounding of the fp32 masters the optimizer keeps); fp32/fp64 models keep their dtype. Where
+the masters' dtype is the buckets' (fp32 masters over DDP's default fp32 main-grad buckets, or an
+fp32/fp64 model), the masters' gradients are views of the reduce-scatter output itself; otherwise
+(``grad_dtype=torch.bfloat16``) they are cast from it once per round.
 
-A parameter that no rank computed a gradient for (``param.grad is None`` after
+fp16: the loss is scaled and the fp32 master gradients unscaled by a
+:class:`~parallelkit.data_parallel.grad_scaler.DynamicGradScaler` (``grad_scaler="auto"``), and a
+step with an inf/nan in any rank's shard is skipped on every rank (``step()`` returns False).
+
+A parameter that no rank computed a gradient for (``param.main_grad is None`` after
 ``finish_grad_sync``) has its masters' ``.grad`` set to None for that step, so the inner optimizer
 skips it as torch's does in one process: no weight decay, no moment update.
 """
@@ -35,8 +41,10 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelkit.data_parallel import clip
-from parallelkit.data_parallel.buckets import Bucket, check_replicas_agree
+from parallelkit.data_parallel.buckets import Bucket, accumulated_grad, check_replicas_agree
 from parallelkit.data_parallel.ddp import DistributedDataParallel
+from parallelkit.data_parallel.grad_scaler import (DynamicGradScaler, LossScaling,
+                                                   default_found_inf_groups, resolve_grad_scaler)
 from parallelkit.distributed import comm, mpu
 
 
@@ -52,7 +60,7 @@ class Shard:
     piece_grads: list[torch.Tensor]  # per piece, its view of master_grad
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(LossScaling):
     """Wraps a torch optimizer so that each DP rank keeps state for its shard only.
 
     Args:
@@ -62,6 +70,10 @@ class DistributedOptimizer:
         param_groups: like a torch optimizer's: dicts with ``"params"`` (model parameters) and
             per-group options. Default: one group with every synchronised parameter.
         master_dtype: the masters' dtype; default float32 for 16-bit models, else the model's.
+        grad_scaler: "auto" (a DynamicGradScaler when some parameter is fp16, else none), None,
+            or a scaler of your own; see :class:`LossScaling` for ``scale_loss``.
+        found_inf_groups: where an inf in some shard is agreed; default the MPU's mp group (if
+            initialized) and the model's DP group.
         **optimizer_kwargs: passed to ``optimizer_cls`` (lr, betas, weight_decay, ...).
     ``self.optimizer`` is the inner optimizer (give it to an LR scheduler).
     """
@@ -69,7 +81,9 @@ class DistributedOptimizer:
     def __init__(self, model: DistributedDataParallel,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW,
                  param_groups: list[dict[str, Any]] | None = None,
-                 master_dtype: torch.dtype | None = None, **optimizer_kwargs):
+                 master_dtype: torch.dtype | None = None, *,
+                 grad_scaler: DynamicGradScaler | None | str = "auto", found_inf_groups=None,
+                 **optimizer_kwargs):
         if not getattr(model, "use_distributed_optimizer", False):
             raise ValueError("DistributedOptimizer needs the model wrapped as "
                              "DistributedDataParallel(module, use_distributed_optimizer=True): "
@@ -79,8 +93,10 @@ class DistributedOptimizer:
         if param_groups is None:
             param_groups = [{"params": list(model.bucketed_parameters())}]
         group_of = self._group_index(model, param_groups)
+        # Before the check: a rank without a scaler would skip the found-inf all-reduce.
+        self.grad_scaler = resolve_grad_scaler(grad_scaler, model.bucketed_parameters())
         self._check_ranks_agree(model, optimizer_cls, param_groups, group_of, master_dtype,
-                                optimizer_kwargs)
+                                {**optimizer_kwargs, "grad_scaler": self.grad_scaler is not None})
         inner_groups = [{**group, "params": []} for group in param_groups]
         self.shards: list[Shard] = []
         for bucket in model.buckets:
@@ -89,6 +105,7 @@ class DistributedOptimizer:
                 inner_groups[group_of[id(param)]]["params"].append(master)
             self.shards.append(shard)
         self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
+        self._groups = found_inf_groups or default_found_inf_groups(model.dp_group)
         self._copied_round = -1  # the model's sync round whose gradients the masters hold
 
     def _make_shard(self, bucket: Bucket, master_dtype: torch.dtype | None) -> Shard:
@@ -143,15 +160,17 @@ class DistributedOptimizer:
 
     def _master_grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """``(model parameter, master gradient)`` of every piece that has one. The gradients are
-        copied (cast) from the reduce-scatter output once per round, so that a clip before
-        ``step`` is not overwritten by it."""
+        copied (cast) from the reduce-scatter output, and unscaled, once per round, so that a
+        clip before ``step`` is not overwritten or repeated."""
         self.model.check_grads_synced()
         if self._copied_round != self.model.sync_round:
             for shard in self.shards:
                 if shard.master_grad is not shard.bucket.grad_shard:
                     shard.master_grad.copy_(shard.bucket.grad_shard)
                 for (param, master), grad in zip(shard.pieces, shard.piece_grads):
-                    master.grad = None if param.grad is None else grad
+                    master.grad = None if accumulated_grad(param) is None else grad
+            # Every shard, padding included: an overflow can sit anywhere in the reduce-scatter.
+            self._unscale([shard.master_grad for shard in self.shards], self._groups)
             self._copied_round = self.model.sync_round
         return [(param, master.grad) for shard in self.shards for param, master in shard.pieces
                 if master.grad is not None]
@@ -165,18 +184,20 @@ class DistributedOptimizer:
         the model-parallel group (MPU "mp" by default; TP-replicated parameters count once).
         """
         pieces = self._master_grads()
-        grads = [grad for _, grad in pieces]
         mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
-        total = clip.global_grad_norm(grads, [clip.is_tp_replicated(p) for p, _ in pieces],
-                                      norm_type, tp_group=tp_group,
-                                      sum_groups=[mp_group, self.model.dp_group])
-        clip.scale_grads_(grads, max_norm, total)
-        return total
+        return clip.clip_grads_([p for p, _ in pieces], [g for _, g in pieces], max_norm,
+                                norm_type, tp_group=tp_group,
+                                sum_groups=[mp_group, self.model.dp_group])
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update this rank's shard, then all-gather every bucket's parameters in place."""
+    def step(self) -> bool:
+        """Update this rank's shard, then all-gather every bucket's parameters in place. Returns
+        False, leaving parameters and state alone on every rank, if some shard had an inf/nan
+        (with a grad scaler)."""
         self._master_grads()
+        self._update_scale()
+        if self.found_inf:
+            return False
         self.optimizer.step()
         handles = []
         for shard in self.shards:
@@ -185,6 +206,7 @@ class DistributedOptimizer:
             handles.append(comm.all_gather_async_(bucket.param_data, self.model.dp_group))
         for handle in handles:
             handle.wait()
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the model's gradient buckets (the masters' gradients are views or overwritten)."""

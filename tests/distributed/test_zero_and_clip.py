@@ -80,8 +80,11 @@ def test_zero1_matches_plain_dp_with_1_over_dp_optimizer_state(dp):
 def _bf16_with_fp32_masters(steps=2):
     state = mpu.initialize()
     torch.manual_seed(0)
+    # bf16 buckets (fp32 is the default, tested in test_mixed_precision.py): the masters'
+    # gradients are then cast copies of the reduce-scatter output, not views of it.
     model = DistributedDataParallel(TinyLM(TinyConfig()).to(torch.bfloat16),
-                                    bucket_bytes=SMALL_BUCKETS, use_distributed_optimizer=True)
+                                    bucket_bytes=SMALL_BUCKETS, use_distributed_optimizer=True,
+                                    grad_dtype=torch.bfloat16)
     optimizer = DistributedOptimizer(model, torch.optim.AdamW, lr=1e-2)
     before = [p.detach().clone() for p in model.parameters()]
     for step in range(steps):

@@ -9,9 +9,11 @@ namespace parallelkit {
 std::tuple<at::Tensor, at::Tensor> all_gather_matmul(const at::Tensor& x_shard,
                                                      const at::Tensor& weight,
                                                      const ProcessGroupPtr& pg,
-                                                     int64_t chunks_per_rank) {
+                                                     int64_t chunks_per_rank,
+                                                     TransportPtr transport) {
   check_overlap_inputs("all_gather_matmul", x_shard, weight, pg, chunks_per_rank);
-  const Ring ring(pg);
+  transport = transport_for(pg, std::move(transport), "all_gather_matmul");
+  const Ring& ring = transport->ring();
   const int64_t m = x_shard.size(0);
   TORCH_CHECK(m % chunks_per_rank == 0, "all_gather_matmul: this rank's ", m, " rows do not ",
               "split into chunks_per_rank=", chunks_per_rank, " equal pieces; choose a divisor of ",
@@ -28,15 +30,15 @@ std::tuple<at::Tensor, at::Tensor> all_gather_matmul(const at::Tensor& x_shard,
   // in_flight[j]: the exchange that forwards piece j of the previous owner and brings piece j
   // of the next one. Waiting on it just before that piece is needed, not before the step, lets
   // pieces that already arrived be multiplied while later ones are still on the wire.
-  std::vector<std::vector<WorkPtr>> in_flight(chunks_per_rank);
+  std::vector<ExchangePtr> in_flight(chunks_per_rank);
   for (int64_t step = 0; step < ring.size; ++step) {
     const int64_t owner = ring.owner_at(step);
     for (int64_t j = 0; j < chunks_per_rank; ++j) {
-      wait_all(in_flight[j]);
+      finish(in_flight[j]);
       if (step + 1 < ring.size) {
-        in_flight[j] = start_exchange(pg, ring, rows(gathered, owner, j),
-                                      rows(gathered, ring.owner_at(step + 1), j),
-                                      step * chunks_per_rank + j);
+        in_flight[j] = transport->start(rows(gathered, owner, j),
+                                        rows(gathered, ring.owner_at(step + 1), j),
+                                        step * chunks_per_rank + j);
       }
       auto out = rows(y, owner, j);
       at::mm_out(out, rows(gathered, owner, j), weight_t);

@@ -8,9 +8,11 @@
 namespace parallelkit {
 
 at::Tensor matmul_reduce_scatter(const at::Tensor& x, const at::Tensor& weight,
-                                 const ProcessGroupPtr& pg, int64_t chunks_per_rank) {
+                                 const ProcessGroupPtr& pg, int64_t chunks_per_rank,
+                                 TransportPtr transport) {
   check_overlap_inputs("matmul_reduce_scatter", x, weight, pg, chunks_per_rank);
-  const Ring ring(pg);
+  transport = transport_for(pg, std::move(transport), "matmul_reduce_scatter");
+  const Ring& ring = transport->ring();
   TORCH_CHECK(x.size(0) % (ring.size * chunks_per_rank) == 0, "matmul_reduce_scatter: x has ",
               x.size(0), " rows, which do not split into tp=", ring.size, " x chunks_per_rank=",
               chunks_per_rank, " equal pieces; pad the sequence or choose chunks_per_rank=1");
@@ -26,18 +28,17 @@ at::Tensor matmul_reduce_scatter(const at::Tensor& x, const at::Tensor& weight,
   // step s is free again at step s + 2: its send was waited on at step s + 1.
   auto received = at::empty({chunks_per_rank, piece, n}, x.options());
   auto partials = at::empty({2, chunks_per_rank, piece, n}, x.options());
-  std::vector<std::vector<WorkPtr>> in_flight(chunks_per_rank);
+  std::vector<ExchangePtr> in_flight(chunks_per_rank);
   for (int64_t step = 0; step < ring.size; ++step) {
     const int64_t owner = ring.owner_at(step + 1);
     const bool last = step + 1 == ring.size;
     for (int64_t j = 0; j < chunks_per_rank; ++j) {
       auto partial = last ? y.narrow(0, j * piece, piece) : partials[step % 2][j];
       at::mm_out(partial, x.narrow(0, owner * m + j * piece, piece), weight_t);
-      wait_all(in_flight[j]);  // the sum so far for these rows, from prev
+      finish(in_flight[j]);  // the sum so far for these rows, from prev
       if (step > 0) partial.add_(received[j]);
       if (!last) {
-        in_flight[j] = start_exchange(pg, ring, partial, received[j],
-                                      step * chunks_per_rank + j);
+        in_flight[j] = transport->start(partial, received[j], step * chunks_per_rank + j);
       }
     }
   }

@@ -2,7 +2,7 @@
 #pragma once
 
 #include "include/checks.h"
-#include "overlap/ring.h"
+#include "ring/c10d_transport.h"
 
 namespace parallelkit {
 

@@ -295,6 +295,14 @@ def all_gather_ints(group: dist.ProcessGroup, *values: int) -> tuple:
     return tuple(rows) if len(values) > 1 else tuple(row[0] for row in rows)
 
 
+def all_gather_objects(group: dist.ProcessGroup, value: Any) -> list:
+    """Every member's picklable ``value``, in group-rank order: setup metadata (addresses, host
+    names), not counted by :func:`count_traffic`. Members may pass values of unequal sizes."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, value, group=group)
+    return everyone
+
+
 def _plain(value):
     """``value`` as plain picklable data with the same repr on every rank."""
     if isinstance(value, (torch.dtype, torch.device)):
@@ -317,7 +325,7 @@ def metadata_device(group: dist.ProcessGroup) -> torch.device:
 
 
 def _disagreement(group, what, everyone, fix, ranks) -> Exception:
-    labels = _rank_labels(group)
+    labels = rank_labels(group)
     name = _group_name(group) if ranks is None else ranks
     members = f"{name} ranks" if name else "ranks"
     failed = [(i, f) for i, (_, _, f) in enumerate(everyone) if f is not None]
@@ -345,7 +353,7 @@ def _disagreement(group, what, everyone, fix, ranks) -> Exception:
     return ValueError(text + (f"; {fix}" if fix else ""))
 
 
-def _rank_labels(group) -> list[str]:
+def rank_labels(group) -> list[str]:
     """'rank i' per group rank, with the global rank where it differs."""
     world = dist.get_process_group_ranks(group)
     return [f"rank {i}" if g == i else f"rank {i} (global rank {g})" for i, g in enumerate(world)]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from parallelkit._native import native
 from parallelkit.distributed import comm
+from parallelkit.ops.ring_transport import for_group as ring_transport_for
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,9 @@ class AllGatherMatmulFunction(torch.autograd.Function):
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         if fused:
             comm.record_traffic("all_gather", x.numel() * tp * x.element_size(), group)
-            y, gathered = native.all_gather_matmul(_rows(x), weight, group, chunks_per_rank)
+            y, gathered = native.all_gather_matmul(
+                _rows(x), weight, group, chunks_per_rank,
+                ring_transport_for(group, x.device, "all_gather_matmul"))
         else:
             with comm.entry_checked():
                 gathered = comm.all_gather(_rows(x), 0, group)
@@ -62,7 +65,9 @@ class AllGatherMatmulFunction(torch.autograd.Function):
             if ctx.fused:
                 comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
                                     grad_y.element_size(), group)
-                grad_x = native.matmul_reduce_scatter(grad_rows, weight.t(), group, ctx.chunks)
+                grad_x = native.matmul_reduce_scatter(
+                    grad_rows, weight.t(), group, ctx.chunks,
+                    ring_transport_for(group, x.device, "matmul_reduce_scatter"))
             else:
                 with comm.entry_checked():
                     grad_x = comm.reduce_scatter(grad_rows @ weight, 0, group)
@@ -83,7 +88,9 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
         tp = dist.get_world_size(group)
         comm.record_traffic("reduce_scatter", x[..., :1].numel() * weight.shape[0] *
                             x.element_size(), group)
-        y = native.matmul_reduce_scatter(_rows(x), weight, group, chunks_per_rank)
+        y = native.matmul_reduce_scatter(_rows(x), weight, group, chunks_per_rank,
+                                         ring_transport_for(group, x.device,
+                                                            "matmul_reduce_scatter"))
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.chunks = group, chunks_per_rank
         return y.view(x.shape[0] // tp, *x.shape[1:-1], weight.shape[0])
@@ -93,8 +100,9 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         tp = dist.get_world_size(ctx.group)
         comm.record_traffic("all_gather", grad_y.numel() * tp * grad_y.element_size(), ctx.group)
-        grad_x, gathered_grad = native.all_gather_matmul(_rows(grad_y), weight.t(), ctx.group,
-                                                         ctx.chunks)
+        grad_x, gathered_grad = native.all_gather_matmul(
+            _rows(grad_y), weight.t(), ctx.group, ctx.chunks,
+            ring_transport_for(ctx.group, grad_y.device, "all_gather_matmul"))
         grad_weight = gathered_grad.t() @ _rows(x)
         return grad_x.view(x.shape), grad_weight, None, None
 

@@ -2,8 +2,8 @@
 
 Each CP rank holds its queries and its keys/values (see ``distributed/context_layout.py`` for which
 tokens). For cp steps it attends its queries to the K/V chunk in hand while that chunk travels on
-to the next rank (``_C.start_ring_exchange``: gloo threads or an NCCL stream move it while the
-block kernel runs), and folds each block's (out, lse) into a running result with the log-sum-exp
+to the next rank (a ring transport, see ``ring_transport.py``: gloo threads, an NCCL stream or
+CUDA IPC peer copies move it while the block kernel runs), and folds each block's (out, lse) into a running result with the log-sum-exp
 merge (``_C`` op ``merge_attention_partials_``). Blocks a causal mask hides entirely are skipped.
 
 Backward rotates K/V the same way and passes dK/dV along with them, each rank adding its
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallelkit._native import native
 from parallelkit.distributed import comm
 from parallelkit.distributed.context_layout import check_sequence_length, chunk_ids
 from parallelkit.ops.attention_block import (attention_block_backward, attention_block_forward,
                                              check_inputs)
 from parallelkit.ops.attention_merge import merge_attention_partials_
+from parallelkit.ops.ring_transport import for_group as ring_transport_for
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,11 @@ class RingAttentionFunction(torch.autograd.Function):
 
         kv = torch.stack([k, v]).contiguous()  # one message per step carries both
         incoming = torch.empty_like(kv)
+        transport = ring_transport_for(cp_group, q.device, "ring_attention")
         for step in range(cp):
             pending = None
             if step + 1 < cp:  # pass the chunk on while we compute with it
-                pending = native.start_ring_exchange(cp_group, kv, incoming, step)
+                pending = transport.start(kv, incoming, step)
             kv_rank = (rank - step) % cp
             k_parts, v_parts = _parts(kv[0], held), _parts(kv[1], held)
             for b in ring_blocks(layout, causal, rank, kv_rank, cp, part_len):
@@ -106,10 +107,11 @@ class RingAttentionFunction(torch.autograd.Function):
         dkv = torch.zeros(kv.shape, dtype=out.dtype, device=kv.device)  # travels with kv
         dkv_incoming = torch.empty_like(dkv)
         dkv_pending = None
+        transport = ring_transport_for(cp_group, q.device, "ring_attention backward")
         for step in range(cp):
             kv_pending = None
             if step + 1 < cp:
-                kv_pending = native.start_ring_exchange(cp_group, kv, kv_incoming, 2 * step)
+                kv_pending = transport.start(kv, kv_incoming, 2 * step)
             kv_rank = (rank - step) % cp
             k_parts, v_parts = _parts(kv[0], held), _parts(kv[1], held)
             contribution = torch.zeros_like(dkv)
@@ -127,7 +129,7 @@ class RingAttentionFunction(torch.autograd.Function):
                 dkv_pending.wait()
                 contribution += dkv_incoming
             dkv, dkv_incoming = contribution, torch.empty_like(contribution)
-            dkv_pending = native.start_ring_exchange(cp_group, dkv, dkv_incoming, 2 * step + 1)
+            dkv_pending = transport.start(dkv, dkv_incoming, 2 * step + 1)
             if kv_pending is not None:
                 kv_pending.wait()
                 kv, kv_incoming = kv_incoming, kv

@@ -33,7 +33,7 @@ struct ChannelHeader {
   // instead of timing out, and pass it on: 0 none, 1 being written, 2 set.
   alignas(64) std::atomic<int32_t> abort_state{0};
   int32_t aborted_by;
-  char abort_reason[512];
+  char abort_reason[1024];  // the first failure's own message, passed on unchanged
   Published published[kMaxSlots];
   Consumed consumed[kMaxSlots];
 };

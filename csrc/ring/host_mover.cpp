@@ -20,11 +20,12 @@ class HostMover final : public SlotMover {
     TORCH_CHECK(t.device().is_cpu(), "ring transport shm moves CPU tensors, got one on ",
                 t.device(), "; use the cuda_ipc or c10d transport for GPU tensors");
   }
+  // An empty tensor's data pointer may be null, which memcpy must not see even for 0 bytes.
   void write(int64_t slot, const std::byte* src, int64_t bytes) override {
-    std::memcpy(next_ + slot * slot_bytes_, src, static_cast<size_t>(bytes));
+    if (bytes > 0) std::memcpy(next_ + slot * slot_bytes_, src, static_cast<size_t>(bytes));
   }
   void read(int64_t slot, std::byte* dst, int64_t bytes) override {
-    std::memcpy(dst, own_ + slot * slot_bytes_, static_cast<size_t>(bytes));
+    if (bytes > 0) std::memcpy(dst, own_ + slot * slot_bytes_, static_cast<size_t>(bytes));
   }
 
  private:

@@ -87,7 +87,8 @@ void SlotRing::connect(const std::string& next_address, Peer prev, Peer next) {
                   next_->slot_bytes == options_.slot_bytes,
               "ring transport: ", next.label, " has ", next_->slots, " slots of ",
               next_->slot_bytes, " bytes, this rank ", options_.slots, " of ", options_.slot_bytes,
-              "; every rank must create its transport with the same options");
+              "; the ranks disagree on the slot size or count: every rank must create its ",
+              "transport with the same options");
   mover_->connect(next_address.substr(cut + 1), own_segment_.data() + payload_offset(),
                   next_segment_.data() + payload_offset());
   prev_ = std::move(prev);
@@ -101,6 +102,8 @@ ExchangePtr SlotRing::start(const at::Tensor& send, const at::Tensor& recv, int6
   TORCH_CHECK(next_ != nullptr, "ring transport ", name(), ": start() before connect()");
   TORCH_CHECK(broken_.empty(), broken_, " (this transport stopped there; make a new one on every "
               "rank)");
+  // A neighbour that failed may have sent this step before it did: do not finish it unawares.
+  check_aborted("starting ring step " + std::to_string(tag));
   mover_->begin(send, recv);
   const uint64_t id = started_++;
   const auto bytes = static_cast<int64_t>(send.nbytes());

@@ -95,7 +95,9 @@ class SlotRing final : public RingTransport, public std::enable_shared_from_this
   bool try_receive();
   void check_fragment(const Message& message, uint64_t fragment, uint64_t seen);
   void check_stalled(uint64_t exchange, double stalled_s);
-  [[noreturn]] void fail(const std::string& why);
+  void check_aborted(const std::string& doing);  // raises if a neighbour stopped the ring
+  [[noreturn]] void fail(const std::string& why, int64_t first_rank = -1,
+                         const std::string& first_reason = "");
   std::string describe_wait(uint64_t exchange) const;
 
   SlotRingOptions options_;

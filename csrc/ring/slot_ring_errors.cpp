@@ -40,13 +40,26 @@ void mark_aborted(ChannelHeader* link, int64_t rank, const std::string& reason) 
 
 }  // namespace
 
-void SlotRing::fail(const std::string& why) {
+// The links carry the first failure's rank and message, not ours: the cause stays readable
+// however far round the ring it travels.
+void SlotRing::fail(const std::string& why, int64_t first_rank, const std::string& first_reason) {
   std::ostringstream text;
   text << "ring transport " << name() << " on rank " << ring_.rank << ": " << why;
   broken_ = text.str();
-  mark_aborted(own_, ring_.rank, broken_);
-  mark_aborted(next_, ring_.rank, broken_);
+  const bool first = first_rank < 0;
+  mark_aborted(own_, first ? ring_.rank : first_rank, first ? broken_ : first_reason);
+  mark_aborted(next_, first ? ring_.rank : first_rank, first ? broken_ : first_reason);
   TORCH_CHECK(false, broken_);
+}
+
+void SlotRing::check_aborted(const std::string& doing) {
+  for (ChannelHeader* link : {own_, next_}) {
+    if (link->abort_state.load(std::memory_order_acquire) == 2 && link->aborted_by != ring_.rank) {
+      const std::string reason = link->abort_reason;
+      fail("rank " + std::to_string(link->aborted_by) + " stopped the ring, so this rank stops "
+           "too, while " + doing + ". Its error: " + reason, link->aborted_by, reason);
+    }
+  }
 }
 
 void SlotRing::check_fragment(const Message& message, uint64_t fragment, uint64_t seen) {
@@ -73,12 +86,7 @@ void SlotRing::check_fragment(const Message& message, uint64_t fragment, uint64_
 }
 
 void SlotRing::check_stalled(uint64_t exchange, double stalled_s) {
-  for (ChannelHeader* link : {own_, next_}) {
-    if (link->abort_state.load(std::memory_order_acquire) == 2 && link->aborted_by != ring_.rank) {
-      fail("rank " + std::to_string(link->aborted_by) + " stopped the ring, so this rank stops "
-           "too, while " + describe_wait(exchange) + ". Its error: " + link->abort_reason);
-    }
-  }
+  check_aborted(describe_wait(exchange));
   for (const auto& [peer, where] : {std::pair{&prev_, "previous"}, std::pair{&next_peer_, "next"}}) {
     if (!alive(peer->pid)) {
       fail(peer->label + " (pid " + std::to_string(peer->pid) + "), the " + where + " rank in the " +

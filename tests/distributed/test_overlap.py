@@ -1,4 +1,5 @@
-"""The fused ring matmuls against the unfused path (collective, then matmul), forward and backward."""
+"""The fused ring matmuls against the unfused path (collective, then matmul), forward and backward,
+over each CPU ring transport (c10d: gloo's send/recv; shm: the slot protocol in shared memory)."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from parallelkit import mpu
 from parallelkit._native import native
 from parallelkit.distributed import mappings
+from parallelkit.ops import ring_transport
 from parallelkit.ops.overlap import (all_gather_matmul, all_gather_matmul_and_input,
                                     matmul_reduce_scatter)
 from parallelkit.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -18,8 +20,9 @@ def seeded(shape, dtype, seed):
     return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
-def _compare(op, tp, s, b, k, n, dtype, chunks):
-    """op's output and input/weight gradients vs the unfused reference, on this rank."""
+def _compare(op, tp, s, b, k, n, dtype, chunks, transport="auto"):
+    """op's output and input/weight gradients vs the unfused reference, on this rank; the fused
+    op (forward and backward) runs on `transport`."""
     state = mpu.initialize(tp=tp)
     group, rank = state.tp.group, state.tp.rank
     if op == "all_gather_matmul":  # x [s/tp, b, k] shard, weight [n, k]
@@ -39,21 +42,29 @@ def _compare(op, tp, s, b, k, n, dtype, chunks):
     results = []
     for fn in (fused, unfused):
         xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        y = fn(xi, wi)
-        y.backward(seeded(y.shape, dtype, 10 + rank))
+        with ring_transport.use(transport), ring_transport.count_transports() as used:
+            y = fn(xi, wi)
+            y.backward(seeded(y.shape, dtype, 10 + rank))
         results.append((y.detach(), xi.grad, wi.grad))
+        if fn is fused:  # forward and backward: one ring op each, on the transport asked for
+            want = ring_transport.choose(group, x.device) if transport == "auto" else transport
+            assert sorted(used.items()) == sorted({(op, want): 1, (other[op], want): 1}.items())
     for name, got, want in zip(("y", "grad x", "grad weight"), *results):
         assert got.shape == want.shape, name
         assert_close(got, want, name=f"{op} {name}", terms=terms[name])
 
 
+other = {"all_gather_matmul": "matmul_reduce_scatter", "matmul_reduce_scatter": "all_gather_matmul"}
+
+
+@pytest.mark.parametrize("transport", ["c10d", "shm"])
 @pytest.mark.parametrize("chunks", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("op", ["all_gather_matmul", "matmul_reduce_scatter"])
 @pytest.mark.parametrize("s, b, k, n", [(8, 2, 16, 12), (16, 3, 8, 5)])
-def test_fused_equals_unfused(op, tp, dtype, chunks, s, b, k, n):
-    run_on_ranks(_compare, 4, op, tp, s, b, k, n, dtype, chunks)
+def test_fused_equals_unfused(op, tp, dtype, chunks, s, b, k, n, transport):
+    run_on_ranks(_compare, 4, op, tp, s, b, k, n, dtype, chunks, transport)
 
 
 def _gathered_input_is_differentiable(use_y, fused):

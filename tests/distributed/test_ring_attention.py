@@ -1,4 +1,5 @@
-"""Ring attention on 2 and 4 CP ranks against full-sequence attention on the gathered sequence."""
+"""Ring attention on 2 and 4 CP ranks against full-sequence attention on the gathered sequence,
+with its K/V and dK/dV exchanges on each CPU ring transport."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from parallelkit import mpu
 from parallelkit.context_parallel import (ContextParallelAttention, context_parallel_positions,
                                           gather_from_context_parallel, split_for_context_parallel)
+from parallelkit.ops import ring_transport
 from parallelkit.ops.ring_attention import ring_blocks
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tolerances import assert_close
@@ -22,7 +24,7 @@ def full_inputs(b, heads, kv_heads, s, d, dtype):
     return q, k, v, dout
 
 
-def _ring_vs_full(cp, causal, layout, heads, kv_heads, d, s, dtype, mode="ring"):
+def _ring_vs_full(cp, causal, layout, heads, kv_heads, d, s, dtype, mode="ring", transport="auto"):
     group = mpu.initialize(cp=cp).cp.group
     rank = dist.get_rank(group)
     q, k, v, dout = full_inputs(2, heads, kv_heads, s, d, dtype)
@@ -35,8 +37,12 @@ def _ring_vs_full(cp, causal, layout, heads, kv_heads, d, s, dtype, mode="ring")
 
     local = [split_for_context_parallel(t, rank, cp, dim=2, layout=layout).requires_grad_()
              for t in (q, k, v)]
-    out = ContextParallelAttention(group, layout, mode)(*local, is_causal=causal)
-    out.backward(split_for_context_parallel(dout, rank, cp, dim=2, layout=layout))
+    with ring_transport.use(transport), ring_transport.count_transports() as used:
+        out = ContextParallelAttention(group, layout, mode)(*local, is_causal=causal)
+        out.backward(split_for_context_parallel(dout, rank, cp, dim=2, layout=layout))
+    if mode == "ring":
+        want = ring_transport.choose(group, q.device) if transport == "auto" else transport
+        assert used == {("ring_attention", want): 1, ("ring_attention backward", want): 1}, used
     # Reductions: scores over d, out over the s keys, dk and dv over the s queries of each of the
     # rep query heads sharing a KV head.
     terms = d + s + s * rep
@@ -46,11 +52,13 @@ def _ring_vs_full(cp, causal, layout, heads, kv_heads, d, s, dtype, mode="ring")
         assert_close(full, want, name=name, terms=terms)
 
 
+@pytest.mark.parametrize("transport", ["c10d", "shm"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("cp", [2, 4])
-def test_ring_equals_full_attention_fp64(cp, causal, layout):
-    run_on_ranks(_ring_vs_full, 4, cp, causal, layout, 4, 4, 16, 8 * cp, torch.float64)
+def test_ring_equals_full_attention_fp64(cp, causal, layout, transport):
+    run_on_ranks(_ring_vs_full, 4, cp, causal, layout, 4, 4, 16, 8 * cp, torch.float64, "ring",
+                 transport)
 
 
 @pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 64), (4, 1, 128)])

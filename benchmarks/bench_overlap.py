@@ -4,11 +4,13 @@ For ``all_gather_matmul`` (x [s/tp, b, h] → [s, b, n/tp]) and ``matmul_reduce_
 (x [s, b, h/tp] → [s/tp, b, n]) on tp local gloo ranks, forward only, median over repeats:
 
     unfused  the collective, then one matmul (or one matmul, then the collective)
-    fused    the native ring op (chunks_per_rank pieces per rank)
+    fused    the native ring op (chunks_per_rank pieces per rank), on each ring transport:
+             c10d (gloo's send/recv) and shm (the slot protocol in shared memory)
     gemm     the matmul alone, comm: the collective alone
     overlap efficiency = fused / max(gemm, comm): 1.0 would be perfect hiding
 
-    python -m benchmarks.bench_overlap [--tokens 2048 --hidden 2048 --tp 2 --chunks 1 2]
+    python -m benchmarks.bench_overlap [--tokens 2048 --hidden 2048 --tp 2 --chunks 1 2
+                                        --transports c10d shm]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from benchmarks._harness import Report, publish, summarize, time_op
 from parallelkit import mpu
 from parallelkit.distributed import comm
 from parallelkit.launch import LocalWorld
+from parallelkit.ops import ring_transport
 from parallelkit.ops.overlap import all_gather_matmul, matmul_reduce_scatter
 
 QUICK = ["--tokens", "512", "--hidden", "512", "--tp", "2", "--chunks", "1", "2", "--repeats", "5",
@@ -32,8 +35,18 @@ COLUMNS = [("op", ""), ("tp", "d"), ("tokens", "d"), ("hidden", "d"), ("variant"
            ("fused/max(gemm,comm)", ".2f")]
 
 
-def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], repeats: int,
-            warmup: int) -> dict:
+def _on(transport: str, fn):
+    """``fn`` run on ``transport``, which it is checked to have used."""
+    def run():
+        with ring_transport.use(transport), ring_transport.count_transports() as used:
+            out = fn()
+        assert {kind for _, kind in used} == {transport}, used
+        return out
+    return run
+
+
+def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], transports: list[str],
+            repeats: int, warmup: int) -> dict:
     """On one rank: time every variant of ``op`` at [tokens, hidden] (batch folded into tokens)."""
     group = mpu.initialize(tp=tp).tp.group
     torch.manual_seed(dist.get_rank())
@@ -46,7 +59,8 @@ def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], repea
                 "unfused": lambda: F.linear(comm.all_gather(x, 0, group), w),
                 "gemm": lambda: F.linear(gathered, w),
                 "comm": lambda: comm.all_gather(x, 0, group),
-                **{f"fused c={c}": (lambda c=c: all_gather_matmul(x, w, group, c)) for c in chunks},
+                **{f"fused c={c} {t}": _on(t, lambda c=c: all_gather_matmul(x, w, group, c))
+                   for c in chunks for t in transports},
             }
         else:
             x = torch.randn(tokens, 1, hidden // tp)
@@ -56,21 +70,23 @@ def measure(op: str, tp: int, tokens: int, hidden: int, chunks: list[int], repea
                 "unfused": lambda: comm.reduce_scatter(F.linear(x, w), 0, group),
                 "gemm": lambda: F.linear(x, w),
                 "comm": lambda: comm.reduce_scatter(partial, 0, group),
-                **{f"fused c={c}": (lambda c=c: matmul_reduce_scatter(x, w, group, c))
-                   for c in chunks},
+                **{f"fused c={c} {t}": _on(t, lambda c=c: matmul_reduce_scatter(x, w, group, c))
+                   for c in chunks for t in transports},
             }
         return {name: summarize(time_op(fn, repeats=repeats, warmup=warmup, group=group))
                 for name, fn in variants.items()}
 
 
-def run(tokens: int, hidden: int, tp: int, chunks: list[int], repeats: int, warmup: int):
+def run(tokens: int, hidden: int, tp: int, chunks: list[int], transports: list[str],
+        repeats: int, warmup: int):
     rows = []
     with LocalWorld(tp) as local:
         for op in ("all_gather_matmul", "matmul_reduce_scatter"):
-            times = local.run(measure, op, tp, tokens, hidden, chunks, repeats, warmup,
-                              timeout=600)[0]
+            times = local.run(measure, op, tp, tokens, hidden, chunks, transports, repeats,
+                              warmup, timeout=600)[0]
             bound = max(times["gemm"]["median_ms"], times["comm"]["median_ms"])
-            for name in ("gemm", "comm", "unfused", *(f"fused c={c}" for c in chunks)):
+            fused = [f"fused c={c} {t}" for c in chunks for t in transports]
+            for name in ("gemm", "comm", "unfused", *fused):
                 ms = times[name]["median_ms"]
                 rows.append({"op": op, "tp": tp, "tokens": tokens, "hidden": hidden,
                              "variant": name, **times[name],
@@ -88,10 +104,13 @@ def collect(argv=None) -> Report:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--transports", nargs="+", default=["c10d", "shm"],
+                        choices=["c10d", "shm"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
-    rows = run(args.tokens, args.hidden, args.tp, args.chunks, args.repeats, args.warmup)
+    rows = run(args.tokens, args.hidden, args.tp, args.chunks, args.transports, args.repeats,
+               args.warmup)
     return Report("overlap", rows, COLUMNS, ["op", "tp", "tokens", "hidden", "variant"],
                   {**vars(args), "backend": "gloo", "dtype": "float32",
                    "note": "tp CPU processes, one intra-op thread each"})

@@ -15,9 +15,10 @@ has not read (back-pressure), and waits that fail with the peer and the step nam
 
 ``auto`` (the default) takes ``cuda_ipc`` for CUDA tensors and ``shm`` for CPU tensors when every
 member of the group runs on this machine, else ``c10d``. ``PARALLELKIT_RING_TRANSPORT=auto|c10d|
-shm|cuda_ipc``, or ``with ring_transport.use("shm"):``, chooses; every rank must choose alike.
+shm|cuda_ipc``, or ``with ring_transport.use("shm"):`` (for this process, autograd's threads
+included), chooses; every rank must choose alike.
 ``with ring_transport.count_transports() as used:`` counts which transport each op ran on:
-``used[("ring_attention", "shm")] == 2``.
+``used[("all_gather_matmul", "shm")] == 1``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import warnings
 from collections import Counter
 from typing import Iterator
@@ -41,17 +41,20 @@ ENV = "PARALLELKIT_RING_TRANSPORT"
 SLOT_BYTES = {"shm": 1 << 20, "cuda_ipc": 16 << 20}  # PARALLELKIT_RING_SLOT_BYTES overrides
 TIMEOUT_S = 120.0  # PARALLELKIT_RING_TIMEOUT_S overrides
 
-_local = threading.local()  # the use() override stack
+# Process-wide, not per thread: autograd runs a CUDA backward on its own thread, and it must see
+# the forward's choice.
+_overrides: list[str] = []
 _counters: list[Counter] = []
 _same_node: dict = {}   # group -> bool
-_transports: dict = {}  # (group, kind, device) -> RingTransport; groups live as long (mpu)
+# (group, kind, device) -> RingTransport. The MPU keeps its groups for the process's life and
+# reuses them across layouts, so one transport per group is made once, not once per initialize.
+_transports: dict = {}
 
 
 def requested() -> str:
     """The transport asked for: the innermost :func:`use`, else ``PARALLELKIT_RING_TRANSPORT``,
     else ``auto``."""
-    stack = getattr(_local, "stack", [])
-    kind = stack[-1] if stack else os.environ.get(ENV, "auto").strip() or "auto"
+    kind = _overrides[-1] if _overrides else os.environ.get(ENV, "auto").strip() or "auto"
     if kind not in KINDS:
         raise ValueError(f"{ENV}={kind!r} must be one of {KINDS}")
     return kind
@@ -59,14 +62,14 @@ def requested() -> str:
 
 @contextlib.contextmanager
 def use(kind: str) -> Iterator[None]:
-    """Run the ring ops inside the block on ``kind`` (one of :data:`KINDS`), on this rank."""
+    """Run the ring ops inside the block on ``kind`` (one of :data:`KINDS`), in this process."""
     if kind not in KINDS:
         raise ValueError(f"ring transport {kind!r} must be one of {KINDS}")
-    _local.stack = getattr(_local, "stack", []) + [kind]
+    _overrides.append(kind)
     try:
         yield
     finally:
-        _local.stack = _local.stack[:-1]
+        _overrides.pop()
 
 
 @contextlib.contextmanager

@@ -13,8 +13,11 @@ slots with sequence numbers in shared memory, a sender that never overwrites a s
 has not read (back-pressure), and waits that fail with the peer and the step named, after
 ``PARALLELKIT_RING_TIMEOUT_S`` (120) seconds without progress or at once when a peer exits.
 
-``auto`` (the default) takes ``cuda_ipc`` for CUDA tensors and ``shm`` for CPU tensors when every
-member of the group runs on this machine, else ``c10d``. ``PARALLELKIT_RING_TRANSPORT=auto|c10d|
+``auto`` (the default) takes ``shm`` for CPU tensors when every member of the group runs on this
+machine, and ``cuda_ipc`` for CUDA tensors where NCCL cannot move them: on one machine, when some
+ranks share a GPU or the group is not an NCCL one. Otherwise ``c10d``: ranks on distinct GPUs
+keep NCCL until ``cuda_ipc`` has run on such a machine (it has run on none yet; set it explicitly
+to try it). ``PARALLELKIT_RING_TRANSPORT=auto|c10d|
 shm|cuda_ipc``, or ``with ring_transport.use("shm"):`` (for this process, autograd's threads
 included), chooses; every rank must choose alike.
 ``with ring_transport.count_transports() as used:`` counts which transport each op ran on:
@@ -90,6 +93,17 @@ def same_node(group: dist.ProcessGroup) -> bool:
     return _same_node[group]
 
 
+def _shares_a_device(group: dist.ProcessGroup, device: torch.device) -> bool:
+    """Whether two members of ``group`` (all on this machine) use the same GPU (asked once)."""
+    key = (group, "device")
+    if key not in _same_node:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        mine = str(torch.cuda.get_device_properties(index).uuid)
+        everyone = comm.all_gather_objects(group, mine)
+        _same_node[key] = len(set(everyone)) < len(everyone)
+    return _same_node[key]
+
+
 def choose(group: dist.ProcessGroup, device: torch.device) -> str:
     """The transport the ring ops use for tensors on ``device`` over ``group``."""
     kind = requested()
@@ -98,7 +112,10 @@ def choose(group: dist.ProcessGroup, device: torch.device) -> str:
     if kind == "auto":
         if not same_node(group):
             return "c10d"
-        return "cuda_ipc" if device.type == "cuda" else "shm"
+        if device.type != "cuda":
+            return "shm"
+        nccl = dist.get_backend(group) == "nccl"
+        return "cuda_ipc" if not nccl or _shares_a_device(group, device) else "c10d"
     wanted = {"shm": "cpu", "cuda_ipc": "cuda"}.get(kind)
     if wanted is not None and device.type != wanted:
         raise ValueError(f"ring transport {kind!r} moves {wanted} tensors, got tensors on "

@@ -141,6 +141,36 @@ def time_op(fn, *, device: str | torch.device = "cpu", repeats: int = 10, warmup
     return seconds
 
 
+def time_alternating(steps: dict, *, repeats: int, warmup: int,
+                     group: dist.ProcessGroup | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each of ``steps`` (name -> function), the functions taking turns call
+    by call, so that ours and a peer see the same load on a shared machine; ``warmup`` rounds
+    untimed. With a ``group``, every call starts after a barrier: a rank's time then includes
+    waiting for its peers, and :func:`slowest_per_step` of the ranks' lists is the step time."""
+    seconds = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, fn in steps.items():
+            if group is not None:
+                dist.barrier(group)
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def slowest_per_step(per_rank: list[list[float]]) -> list[float]:
+    """Per step, the slowest rank's seconds: a step that the ranks began together after a
+    barrier ends when its last rank does."""
+    return [max(step) for step in zip(*per_rank)]
+
+
+def paired_ratio(ours: list[float], peer: list[float]) -> float:
+    """``ours/peer``: the median over steps of our step time over the peer's step next to it
+    (paired, so that a busy moment of the machine slows both sides of a ratio)."""
+    return statistics.median(a / b for a, b in zip(ours, peer))
+
+
 def _do_bench_all(fn) -> list[float]:
     """Every timed call's milliseconds; older Triton lacks return_mode="all": then CUDA events."""
     from triton.testing import do_bench

@@ -17,6 +17,8 @@ beyond the logits:
 ``peak_MB`` is measured, the rise of the process's peak RSS over one forward+backward in a fresh
 process (``torch.cuda.max_memory_allocated`` on a GPU); ``floor_MB`` is computed, the least the
 approach must materialize: the gradient (none in place), plus the gathered logits when gathering.
+Each baseline's loss and logits gradient must equal our vocab-parallel loss's on the same logits
+(float32 tolerance), checked after the memory step and before it is timed.
 
     python -m benchmarks.bench_cross_entropy [--shapes 2048x32000 --max-tp 2 --no-compile]
 """
@@ -37,6 +39,7 @@ from parallelkit.distributed import comm, mappings
 from parallelkit.launch import LocalWorld
 from parallelkit.ops._backend import use_triton
 from parallelkit.ops.cross_entropy import vocab_parallel_cross_entropy
+from parallelkit.testing.tolerances import assert_close
 
 QUICK = ["--shapes", "512x8192", "--max-tp", "2", "--repeats", "5", "--no-compile"]
 GPU = ["--shapes", "8192x131072", "--max-tp", "1", "--repeats", "10"]
@@ -67,7 +70,9 @@ def measure(variant: str, tokens: int, vocab: int, repeats: int, warmup: int) ->
     device = torch.device("cuda" if torch.cuda.is_available() and state.tp.size == 1 else "cpu")
     g = torch.Generator(device).manual_seed(state.tp.rank)
     x = torch.randn(tokens, vocab // state.tp.size, generator=g, device=device, requires_grad=True)
-    targets = torch.randint(0, vocab, (tokens,), generator=g, device=device)
+    # the same targets on every rank: each rank holds a slice of the same tokens' logits
+    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator(device).manual_seed(1),
+                            device=device)
     fn = loss_function(variant, state.tp.group)
 
     def step():
@@ -82,11 +87,28 @@ def measure(variant: str, tokens: int, vocab: int, repeats: int, warmup: int) ->
     with comm.count_traffic() as traffic:
         step()
     peak = _memory_peak(device) - before
-    seconds = time_op(step, device=device, repeats=repeats, warmup=warmup, group=state.tp.group)
     ours = variant.startswith("vocab_parallel")
+    if not ours:
+        check_against_ours(variant, fn, x, targets, state.tp.group, vocab)
+    seconds = time_op(step, device=device, repeats=repeats, warmup=warmup, group=state.tp.group)
     return {"seconds": seconds, "peak_bytes": peak, "wire_bytes": traffic.wire,
             "device": device.type, "compile_s": compile_s if variant == "torch.compile" else None,
             "backend": ("triton" if use_triton(x) else "torch") if ours else "torch"}
+
+
+def check_against_ours(variant: str, fn, x: torch.Tensor, targets: torch.Tensor,
+                       group: dist.ProcessGroup, vocab: int) -> None:
+    """A baseline's loss and logits gradient against our vocab-parallel loss's on this rank's
+    logits (after the memory step, which must see this process's first allocation peak)."""
+    results = []
+    for loss_fn in (fn, loss_function("vocab_parallel", group)):
+        loss = loss_fn(x, targets)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+        x.grad = None
+    terms = x.shape[0] + vocab  # the log-sum-exp over the vocabulary, the mean over the tokens
+    for what, actual, expected in zip(("loss", "logits grad"), *results):
+        assert_close(actual, expected, name=f"{variant} vs vocab_parallel: {what}", terms=terms)
 
 
 def floor_bytes(variant: str, tokens: int, vocab: int, tp: int, elem: int = 4) -> int:

@@ -8,7 +8,9 @@ the bytes a pass must move once per rank: forward reads x and writes y; forward+
 reads x and dy and writes dx (5 tensors of [tokens, hidden/tp]); ``%peak`` is that rate over the
 copy bandwidth the harness measured on the same device (one thread on CPU; HBM on a GPU).
 ``vs_eager``: eager's time over this row's (above 1: faster than eager). Times are medians;
-``min_ms`` is the fastest repeat, the better guide on a machine others are loading.
+``min_ms`` is the fastest repeat, the better guide on a machine others are loading. Before they
+are timed, eager's and the compiled output and gradients (x, weight, bias) must equal ours on
+the same rows (the dtype's tolerance).
 
 On CUDA only tp=1 runs here (the local world is gloo on CPU); sharded GPU runs need torchrun.
 
@@ -28,6 +30,7 @@ from parallelkit import mpu
 from parallelkit.launch import LocalWorld
 from parallelkit.ops._backend import use_triton
 from parallelkit.ops.norms import parallel_layer_norm, parallel_rms_norm
+from parallelkit.testing.tolerances import assert_close
 
 EPS = 1e-5
 QUICK = ["--tokens", "1024", "--hidden", "1024", "--max-tp", "2", "--repeats", "5", "--no-compile"]
@@ -71,11 +74,21 @@ def measure(tp: int, norm: str, tokens: int, hidden: int, dtype: str, repeats: i
     dy = torch.randn(tokens, local, generator=g, **kw)
     w = torch.ones(local, **kw).requires_grad_()
     b = torch.zeros(local, **kw).requires_grad_()
-    rows = []
+    rows, ours = [], None
     for name, fn in variants(norm, tp, use_compile, hidden).items():
+        x.grad = w.grad = b.grad = None  # the previous variant's timed calls accumulated some
         begin = time.perf_counter()
-        fn(x, w, b).backward(dy)  # a compile happens here
+        out = fn(x, w, b)  # a compile happens here
+        out.backward(dy)
         first_s = time.perf_counter() - begin
+        # copies: the timed calls below accumulate into these gradients
+        result = [out.detach()] + [t.grad.clone() for t in (x, w, b) if t.grad is not None]
+        if ours is None:  # parallelkit's, the first
+            ours = result
+        for what, actual, expected in zip(("output", "x grad", "weight grad", "bias grad"),
+                                          result, ours):
+            assert_close(actual, expected, name=f"{norm} norm, {name} vs parallelkit: {what}",
+                         terms=tokens + hidden)
         for what, step in (("fwd", lambda: fn(x, w, b)),
                            ("fwd+bwd", lambda: fn(x, w, b).backward(dy))):
             seconds = time_op(step, device=device, repeats=repeats, warmup=warmup,

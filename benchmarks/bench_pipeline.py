@@ -1,5 +1,5 @@
 """Pipeline schedules on CPU gloo: step time, measured idle per rank next to the simulated one,
-and torch.distributed.pipelining (Schedule1F1B, ScheduleInterleaved1F1B) on the same model and data.
+and torch.distributed.pipelining's schedule of each on the same model and data.
 
 For pp in {2, 4} (pp gloo processes, one thread each, on this machine's cores), a TinyLM of
 ``--layers`` blocks is split into pp stages (2 chunks per rank for the interleaved schedules) and
@@ -11,10 +11,14 @@ slowest rank, ranks started together by a barrier). Per rank:
               F, B, W times and the measured time of one message (ping-pong between ranks 0
               and 1): what the schedule, the stages' imbalance and the messages explain
 
-torch.distributed.pipelining runs the same chunks (wrapped to take batch-first inputs, since it
-splits the batch along dim 0) from the same initial weights on the same data: ``loss`` must
-match ours, and ``ours/torch`` is the median of our step time over theirs, the two alternating
-step by step in the same processes so that both see the same load on a shared machine.
+torch.distributed.pipelining (``PipelineStage`` and the peer schedule: ScheduleGPipe, Schedule1F1B,
+ScheduleInterleaved1F1B, and for zb-h1 ScheduleInterleavedZeroBubble with one stage per rank,
+which is ZB-H1: 1F1B with the weight gradients deferred) runs the same chunks (wrapped to take
+batch-first inputs, since it splits the batch along dim 0) from the same initial weights on the
+same data. Before anything is timed, one step of each must give the same loss and the same
+gradients on every rank (float32 tolerance). ``ours/peer`` is the median over steps of our step
+time over theirs, the two alternating step by step in the same processes so that both see the
+same load on a shared machine.
 
     python -m benchmarks.bench_pipeline [--pps 2 4 --layers 8 --hidden 256 --seq 64 --batch 16]
 """
@@ -31,20 +35,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks._harness import Report, publish, summarize
+from benchmarks._harness import (Report, paired_ratio, publish, slowest_per_step, summarize,
+                                 time_alternating)
 from parallelkit import mpu
 from parallelkit.distributed.p2p import PipelineP2P, Recv, Send
 from parallelkit.launch import LocalWorld, RankFailure
 from parallelkit.pipeline_parallel import (Costs, PipelineStage, build_schedule, simulate,
                                            stage_chunks, train_step)
 from parallelkit.models.tinylm import TinyConfig, TinyLM
+from parallelkit.testing.tolerances import assert_close, transformer_terms
 
 OURS = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
 QUICK = ["--hidden", "64", "--seq", "16", "--batch", "8", "--microbatches", "4", "--repeats", "3"]
 COLUMNS = [("pp", "d"), ("schedule", ""), ("median_ms", ".1f"), ("iqr_ms", ".1f"),
            ("p2p_ms", ".2f"), ("idle", ""), ("sim_idle", ""), ("loss", ".6f"),
-           ("loss_diff", ".1e"), ("ours/torch", ".2f")]
-TORCH_PEERS = {"1f1b": "torch Schedule1F1B", "interleaved-1f1b": "torch ScheduleInterleaved1F1B"}
+           ("loss_diff", ".1e"), ("ours/peer", ".2f")]
+TORCH_PEERS = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+               "interleaved-1f1b": "ScheduleInterleaved1F1B",
+               "zb-h1": "ScheduleInterleavedZeroBubble"}
 
 
 def lm_loss(logits, targets):
@@ -68,7 +76,8 @@ def data(config: TinyConfig, seq: int, batch: int):
 
 
 def our_runner(schedule: str, config: TinyConfig, seq: int, batch: int, m: int):
-    """One step of our schedule on this rank: ``step(timings) -> loss``."""
+    """One step of our schedule on this rank: ``step(timings) -> loss``, and this rank's
+    parameters."""
     model, _ = build(config, 2 if schedule == "interleaved-1f1b" else 1)
     stage = PipelineStage.from_layers(model.blocks, lm_loss, pre=model.embed,
                                       post=nn.Sequential(model.ln_f, model.lm_head))
@@ -79,7 +88,7 @@ def our_runner(schedule: str, config: TinyConfig, seq: int, batch: int, m: int):
             p.grad = None
         return train_step(schedule, stage, ids, targets, m, (seq, batch // m, config.hidden),
                           timings).item()
-    return step
+    return step, list(stage.parameters())
 
 
 class _BatchFirst(nn.Module):
@@ -96,9 +105,10 @@ class _BatchFirst(nn.Module):
 
 
 def torch_runner(schedule: str, config: TinyConfig, seq: int, batch: int, m: int):
-    """The same chunks, weights and data under torch.distributed.pipelining."""
+    """The same chunks, weights and data under torch.distributed.pipelining: ``step(timings)
+    -> loss`` (the last rank's; NaN on the others), and this rank's parameters."""
+    from torch.distributed import pipelining
     from torch.distributed.pipelining import PipelineStage as TorchStage
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleInterleaved1F1B
 
     v = 2 if schedule == "interleaved-1f1b" else 1
     pp, rank, group = mpu.get_pp_world_size(), mpu.get_pp_rank(), mpu.get_pp_group()
@@ -107,8 +117,9 @@ def torch_runner(schedule: str, config: TinyConfig, seq: int, batch: int, m: int
     stages = [TorchStage(_BatchFirst(chunk, s == 0, s == last), s, pp * v, torch.device("cpu"),
                          group=group)
               for chunk, s in ((chunk, c * pp + rank) for c, chunk in enumerate(chunks))]
-    runner = (Schedule1F1B(stages[0], m, loss_fn=lm_loss) if v == 1
-              else ScheduleInterleaved1F1B(stages, m, loss_fn=lm_loss))
+    peer = getattr(pipelining, TORCH_PEERS[schedule])
+    multi = issubclass(peer, pipelining.schedules.PipelineScheduleMulti)  # takes a list of stages
+    runner = peer(stages if multi else stages[0], m, loss_fn=lm_loss)
     ids, targets = (t.t().contiguous() for t in data(config, seq, batch))
 
     def step(timings: list) -> float:
@@ -118,7 +129,7 @@ def torch_runner(schedule: str, config: TinyConfig, seq: int, batch: int, m: int
         runner.step(*((ids,) if rank == 0 else ()),
                     **({"target": targets, "losses": losses} if rank == pp - 1 else {}))
         return torch.stack(losses).mean().item() if losses else float("nan")
-    return step
+    return step, [p for chunk in chunks for p in chunk.parameters()]
 
 
 def message_time(shape: tuple[int, ...], repeats: int = 21) -> float:
@@ -140,35 +151,53 @@ def message_time(shape: tuple[int, ...], repeats: int = 21) -> float:
     return statistics.median(round_trips[1:] or round_trips) / 2
 
 
+def check_peer(runners: dict, config: TinyConfig, seq: int, batch: int) -> None:
+    """One step of ours and one of torch's: the same loss (the last rank's) and the same gradient
+    of every parameter of this rank, else raise (so that no unequal peer is timed)."""
+    (ours, our_params), (theirs, their_params) = runners["ours"], runners["torch"]
+    loss, their_loss = ours([]), theirs([])
+    terms = transformer_terms(seq * batch, seq, config.hidden, config.ffn, config.vocab,
+                              config.layers)
+    if their_loss == their_loss:  # not NaN: the last rank
+        assert_close(torch.tensor(their_loss), torch.tensor(loss), terms=terms,
+                     name="torch.distributed.pipelining's loss vs ours")
+    if len(their_params) != len(our_params):
+        raise ValueError(f"torch's stages hold {len(their_params)} parameters on this rank, "
+                         f"ours {len(our_params)}: the two pipelines split the model differently")
+    for i, (theirs_p, ours_p) in enumerate(zip(their_params, our_params)):
+        assert_close(theirs_p.grad, ours_p.grad, terms=terms,
+                     name=f"torch.distributed.pipelining's gradient of parameter {i} "
+                          f"{tuple(ours_p.shape)} vs ours")
+
+
 def measure(schedule: str, with_torch: bool, config: TinyConfig, seq: int, batch: int, m: int,
             repeats: int, warmup: int) -> dict:
-    """On one rank: time our step and, alternating with it, torch's (so that both see the same
-    load on a shared machine); our idle share and mean F/B/W times from the executor's timings."""
+    """On one rank: check torch's step against ours, then time our step and, alternating with
+    it, torch's; our idle share and median F/B/W times from the executor's timings."""
     v = 2 if schedule == "interleaved-1f1b" else 1
     mpu.initialize(pp=dist.get_world_size(), virtual_pp=v if v > 1 else None)
     p2p_seconds = message_time((seq, batch // m, config.hidden))
     runners = {"ours": our_runner(schedule, config, seq, batch, m)}
     if with_torch:
         runners["torch"] = torch_runner(schedule, config, seq, batch, m)
-    seconds = {name: [] for name in runners}
-    losses, idle, costs = {}, [], {"F": [], "B": [], "W": []}
-    for step in range(warmup + repeats):
-        for name, run in runners.items():
-            timings = []
-            dist.barrier()  # ranks start together; waiting for a peer is part of the step
-            start = time.perf_counter()
-            losses[name] = run(timings)
-            elapsed = time.perf_counter() - start
-            if step < warmup:
-                continue
-            seconds[name].append(elapsed)
-            computing = 0.0
-            for actions, t0, t1 in timings:  # empty for torch's runner
-                if not actions[0].is_comm:
-                    computing += t1 - t0
-                    costs[actions[0].kind].append(t1 - t0)
-            if name == "ours":
-                idle.append(1 - computing / elapsed)
+        check_peer(runners, config, seq, batch)
+    losses, timings = {}, []
+
+    def step(name):
+        timings.append([])
+        losses[name] = runners[name][0](timings[-1])  # torch's runner records no timings
+
+    seconds = time_alternating({name: (lambda n=name: step(n)) for name in runners},
+                               repeats=repeats, warmup=warmup, group=dist.group.WORLD)
+    ours_timed = timings[warmup * len(runners)::len(runners)]  # ours goes first in a round
+    idle, costs = [], {"F": [], "B": [], "W": []}
+    for elapsed, actions_timed in zip(seconds["ours"], ours_timed):
+        computing = 0.0
+        for actions, t0, t1 in actions_timed:
+            if not actions[0].is_comm:
+                computing += t1 - t0
+                costs[actions[0].kind].append(t1 - t0)
+        idle.append(1 - computing / elapsed)
     return {"seconds": seconds, "loss": losses, "idle": statistics.median(idle), "p2p": p2p_seconds,
             "costs": {k: statistics.median(v) if v else 0.0 for k, v in costs.items()}}
 
@@ -188,7 +217,8 @@ def run(args) -> list[dict]:
                 except RankFailure as failure:
                     if not with_torch:
                         raise
-                    note = f"torch.distributed.pipelining could not run {name}:\n{failure}"
+                    note = (f"pp={pp}: torch.distributed.pipelining's {TORCH_PEERS[name]} could "
+                            f"not run {name} or disagreed with ours, so it has no row:\n{failure}")
                     world = LocalWorld(pp)  # the failed world was torn down
                     results = world.run(measure, name, False, *common, timeout=600)
                 rows += _rows(pp, name, results, args.microbatches, note)
@@ -199,8 +229,7 @@ def run(args) -> list[dict]:
 
 def _rows(pp: int, name: str, results: list[dict], m: int, note: str | None) -> list[dict]:
     def slowest(runner):  # a step ends when its slowest rank does (they started together)
-        per_rank = [r["seconds"][runner] for r in results]
-        return [max(times) for times in zip(*per_rank)]
+        return slowest_per_step([r["seconds"][runner] for r in results])
 
     def loss(runner):  # the last stage's
         return next(r["loss"][runner] for r in results[::-1] if r["loss"][runner] == r["loss"][runner])
@@ -221,11 +250,10 @@ def _rows(pp: int, name: str, results: list[dict], m: int, note: str | None) -> 
         ours["note"] = note
     if "torch" not in results[0]["seconds"]:
         return [ours]
-    theirs = {"pp": pp, "schedule": TORCH_PEERS[name], "m": m, **summarize(slowest("torch")),
-              "loss": loss("torch")}
+    theirs = {"pp": pp, "schedule": f"torch {TORCH_PEERS[name]}", "m": m,
+              **summarize(slowest("torch")), "loss": loss("torch")}
     ours["loss_diff"] = abs(ours["loss"] - theirs["loss"])
-    # paired: each of our steps against torch's step right after it, then the median
-    ours["ours/torch"] = statistics.median(a / b for a, b in zip(slowest("ours"), slowest("torch")))
+    ours["ours/peer"] = paired_ratio(slowest("ours"), slowest("torch"))
     return [ours, theirs]
 
 
@@ -259,6 +287,11 @@ def collect(argv=None) -> Report:
         row.update(flops=model_flops(config, args.seq, args.batch) / row["pp"], dtype="float32")
     load = [load_before, os.getloadavg()[0]]
     notes = [row.pop("note") for row in rows if "note" in row]
+    notes.append("torch rows: torch.distributed.pipelining's PipelineStage + the named schedule on "
+                 "the same chunks, weights and data (ScheduleInterleavedZeroBubble with one stage "
+                 "per rank for zb-h1); its loss and every gradient equal ours (checked before "
+                 "timing, float32 tolerance); ours/peer = median over steps of our step time / "
+                 "torch's step next to it")
     notes.append(f"load average (1 min) before/after: {load[0]:.1f} / {load[1]:.1f} on "
                  f"{os.cpu_count()} cores; with pp > cores, ranks share cores and idle time is "
                  "partly used by other ranks")

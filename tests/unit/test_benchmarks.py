@@ -10,7 +10,8 @@ import torch
 from benchmarks import __main__ as runner
 from benchmarks import _readme
 from benchmarks._harness import (PEAK_COLUMNS, Report, add_peak_columns, format_table,
-                                 measure_ceilings, plot, publish, time_op, write_results)
+                                 measure_ceilings, paired_ratio, plot, publish, slowest_per_step,
+                                 time_alternating, time_op, write_results)
 
 CEILINGS = {"cpu": {"device": "cpu", "threads": 1, "gemm_n": 64,
                     "gemm_TFLOPs": {"float32": 0.1}, "copy_GBps": 10.0}}
@@ -33,6 +34,22 @@ def test_time_op_returns_one_positive_sample_per_block():
     calls = []
     seconds = time_op(lambda: calls.append(1), repeats=1, warmup=2)
     assert seconds and all(s > 0 for s in seconds) and len(calls) > 2
+
+
+def test_time_alternating_takes_turns_and_times_only_after_warmup():
+    calls = []
+    seconds = time_alternating({"ours": lambda: calls.append("ours"),
+                                "peer": lambda: calls.append("peer")}, repeats=3, warmup=2)
+    assert calls == ["ours", "peer"] * 5
+    assert {name: len(s) for name, s in seconds.items()} == {"ours": 3, "peer": 3}
+    assert all(s >= 0 for samples in seconds.values() for s in samples)
+
+
+def test_a_step_lasts_as_long_as_its_slowest_rank_and_ratios_pair_steps():
+    assert slowest_per_step([[1.0, 5.0, 2.0], [3.0, 1.0, 2.5]]) == [3.0, 5.0, 2.5]
+    # each of our steps over the peer's step next to it, then the median: a slow moment of the
+    # machine (the middle step) slows both sides and cancels out
+    assert paired_ratio([1.0, 10.0, 2.0], [2.0, 20.0, 2.0]) == 0.5
 
 
 def test_table_aligns_columns_and_shows_absent_values_as_a_dash():

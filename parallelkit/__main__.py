@@ -1,4 +1,4 @@
-"""Command line: ``python -m parallelkit {layout,demo,check-plan,info}``."""
+"""Command line: ``python -m parallelkit {layout,demo,train,check-plan,info}``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--plan", help="module:ATTR, a {pattern: ParallelStyle} dict or a "
                                       "callable model -> dict (default: the model's own plan)")
 
+    from parallelkit.train import cli as train_cli
+
+    train = train_cli.add_parser(jobs)
     jobs.add_parser("info", help="what was compiled: torch, CUDA arches, Triton")
 
     args = parser.parse_args(argv)
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_build_info())
         return 0
+    if args.job == "train":
+        return train_cli.run(args, train)
     if args.job == "check-plan":
         return _check_plan(args, check)
     if args.job == "demo":

@@ -9,6 +9,11 @@ the dense model in a single process. Data-parallel replicas write once (DCP dedu
 Optimizer state is saved next to the parameters for optimizers whose state is per-parameter
 tensors shaped like the parameter plus a scalar ``step`` (Adam, AdamW, SGD with momentum).
 
+``extra`` saves more state in the same folder and the same commit (a trainer's step, scheduler
+and random streams): nested dicts become dotted keys under ``extra.``, tensors are stored as
+tensors and loaded in place, anything else is pickled. DCP keeps one copy of each key, from any
+rank, so a value that differs between ranks needs the rank in its key.
+
 Under pipeline parallelism each rank saves and loads only the parameters its optimizer holds
 (its stages), under their names in the whole model, so the union over ranks is the model and a
 checkpoint saved at pp=2 loads at pp=1, or the other way round.
@@ -23,6 +28,7 @@ so each failure names the key or the file and the fix rather than failing inside
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 
 import torch
@@ -122,14 +128,16 @@ def _empty_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
 
 
 def save_checkpoint(path: str, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> None:
     """Write a checkpoint folder at ``path`` (a collective when distributed), replacing the one
-    there, if any, only once the new one is complete."""
+    there, if any, only once the new one is complete. ``extra``: more state (module docstring)."""
     path = os.path.normpath(path)
     token = _shared_token()
     staging = files.staging_path(path, token)
+    state = {**sharded_state_dict(model, optimizer), **_flat_extra(extra, pickled=True)}
     # DCP returns once every rank's data and its .metadata are written, on every rank.
-    metadata = dcp.save(sharded_state_dict(model, optimizer), checkpoint_id=staging)
+    metadata = dcp.save(state, checkpoint_id=staging)
     rank, world = _rank_and_world()
     share = files.checksum_share(staging, files.data_files(metadata), rank, world)
     checksums = {name: value for part in _all_gather(share) for name, value in part.items()}
@@ -160,8 +168,12 @@ def _all_gather(value) -> list:
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    verify: bool = True) -> None:
+                    verify: bool = True, extra: dict | None = None) -> dict | None:
     """Load ``path`` into ``model`` (and ``optimizer``) at the current layout, in place.
+
+    ``extra``, if given, says which saved extra state to read: its keys and structure as saved,
+    its tensors the shapes saved (they are loaded in place). Returns the same structure holding
+    the values read (None without ``extra``).
 
     When a save at ``path`` was interrupted, loads the complete copy it left and warns (see
     ``checkpoint_files``). Raises ``CheckpointMismatchError`` when the checkpoint does not fit
@@ -174,7 +186,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         raise CheckpointDamagedError(f"checkpoint {folder!r}: its {files.METADATA} file cannot "
                                      f"be read ({type(error).__name__}: {error}); load an "
                                      "earlier checkpoint") from error
-    state = sharded_state_dict(model, optimizer)
+    flat_extra = _flat_extra(extra, pickled=False)
+    state = {**sharded_state_dict(model, optimizer), **flat_extra}
     _check_fits(folder, metadata.state_dict_metadata, state)
     problems = sorted({p for part in _all_gather(
         files.damaged_files(folder, metadata, verify, *_rank_and_world())) for p in part})
@@ -191,13 +204,42 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         ) from error
     if optimizer is not None:
         _restore_optimizer_views(model, optimizer, state)
+    return None if extra is None else _nested_extra(extra, state)
+
+
+def _flat_extra(extra: dict | None, pickled: bool, prefix: str = "extra") -> dict:
+    """``extra`` as DCP entries: ``{"extra.a.b": tensor | bytes}``. A non-tensor leaf is pickled
+    here (``pickled``; on load a placeholder): DCP would otherwise split lists of tensors."""
+    flat = {}
+    for key, value in (extra or {}).items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_extra(value, pickled, name))
+        elif torch.is_tensor(value):
+            flat[name] = value
+        else:
+            flat[name] = pickle.dumps(value) if pickled else b""
+    return flat
+
+
+def _nested_extra(extra: dict, state: dict, prefix: str = "extra") -> dict:
+    """What was loaded, in ``extra``'s structure: tensors (loaded in place), unpickled objects."""
+    out = {}
+    for key, value in extra.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out[key] = _nested_extra(value, state, name)
+        else:
+            out[key] = value if torch.is_tensor(value) else pickle.loads(state[name])
+    return out
 
 
 def _check_fits(folder: str, saved: dict, state: dict) -> None:
     """Every key of ``state`` is in the checkpoint at the same full shape, and every parameter
     of the checkpoint is in ``state``. The keys are those of every rank (a pipeline stage holds
     some), so every rank raises the same error."""
-    mine = {key: tuple(value.shape) for key, value in state.items()}  # a DTensor's: the full
+    mine = {key: tuple(value.shape) if torch.is_tensor(value) else None  # a DTensor's: the full
+            for key, value in state.items()}
     expected = {key: shape for part in _all_gather(mine) for key, shape in part.items()}
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
@@ -218,7 +260,8 @@ def _check_fits(folder: str, saved: dict, state: dict) -> None:
                                       f"{'; it '.join(found)}. {hint}")
     wrong = [f"{key!r} saved as {tuple(saved[key].size)}, expected {shape}"
              for key, shape in sorted(expected.items())
-             if hasattr(saved[key], "size") and tuple(saved[key].size) != shape]
+             if shape is not None and hasattr(saved[key], "size")
+             and tuple(saved[key].size) != shape]
     if wrong:
         raise CheckpointMismatchError(
             f"checkpoint {folder!r} has tensors of other full (unsharded) shapes than the "

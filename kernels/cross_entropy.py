@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parallelkit.kernels._launch import cuda_options
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows of the buffer cross_entropy_stats_forward returns.
 ROW_MAX, SUM_EXP, TARGET_LOGIT, SHIFTED_SUM = range(4)
@@ -184,5 +186,5 @@ def _launch_config(n_rows: int, n_cols: int, device: torch.device,
     if block_v is None:
         block_v = min(triton.next_power_of_2(n_cols), 4096 if device.type == "cuda" else 2048)
     if device.type == "cuda":
-        return 1, block_v, {"num_warps": 8 if block_v >= 2048 else 4}
+        return 1, block_v, cuda_options(8 if block_v >= 2048 else 4)
     return min(triton.next_power_of_2(n_rows), max(1, 2**16 // block_v)), block_v, {}

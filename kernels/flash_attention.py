@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parallelkit.kernels._launch import ATTENTION_TILES, Tiles
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Larger head dims would need smaller tiles to fit registers/shared memory; untested, so refused.
 MAX_HEAD_DIM = 128
@@ -244,7 +246,8 @@ def flash_attention_block_forward(
             k_offset + j <= q_offset + i.
         scale: score multiplier, default D ** -0.5.
         out, lse: optional contiguous float32 buffers [B, H, Sq, D] and [B, H, Sq] to write.
-        block_m, block_n: query/key tile sizes (powers of 2, >= 16; default by device).
+        block_m, block_n: query/key tile sizes (powers of 2, >= 16; default by device, kernel
+            and dtype, see _launch_config).
 
     Returns:
         out: [B, H, Sq, D] float32, normalised over this block's visible keys (0 for a row with
@@ -256,14 +259,16 @@ def flash_attention_block_forward(
     out = _output(out, "out", (batch, n_heads, seq_q, head_dim), q.device)
     lse = _output(lse, "lse", (batch, n_heads, seq_q), q.device)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    block_m, block_n, block_d, options = _launch_config(q, seq_q, seq_k, block_m, block_n)
+    dots = _dot_options(q, k, v)
+    tensor_cores = _tensor_core_dtype(q, k, v) is not None
     if out.numel():
-        grid = (triton.cdiv(seq_q, block_m), batch * n_heads)
+        tiles = _launch_config("forward", q.device, tensor_cores, head_dim, seq_q, seq_k,
+                               block_m, block_n)
+        grid = (triton.cdiv(seq_q, tiles.block_m), batch * n_heads)
         _attention_block_forward_kernel[grid](
             q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
             n_heads, n_heads // n_kv_heads, seq_q, seq_k, head_dim, q_offset, k_offset,
-            scale * _LOG2E, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=block_d, **_dot_options(q, k, v), **options)
+            scale * _LOG2E, CAUSAL=bool(causal), **tiles.meta(head_dim), **dots)
     return out, lse
 
 
@@ -303,18 +308,24 @@ def flash_attention_block_backward(
     dk = _output(dk, "dk", (batch, n_kv_heads, seq_k, head_dim), q.device)
     dv = _output(dv, "dv", (batch, n_kv_heads, seq_k, head_dim), q.device)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    block_m, block_n, block_d, options = _launch_config(q, seq_q, seq_k, block_m, block_n)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), n_heads,
             n_heads // n_kv_heads, seq_q, seq_k, head_dim, q_offset, k_offset, scale * _LOG2E,
             scale)
-    meta = dict(CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                **_dot_options(q, k, v, dout), **options)
+    dots = _dot_options(q, k, v, dout)
+    tensor_cores = _tensor_core_dtype(q, k, v, dout) is not None
     if dq.numel():
-        _attention_block_backward_dq_kernel[(triton.cdiv(seq_q, block_m), batch * n_heads)](
-            q, k, v, dout, lse, delta, dq, *args, **meta)
+        tiles = _launch_config("dq", q.device, tensor_cores, head_dim, seq_q, seq_k, block_m,
+                               block_n)
+        _attention_block_backward_dq_kernel[(triton.cdiv(seq_q, tiles.block_m), batch * n_heads)](
+            q, k, v, dout, lse, delta, dq, *args, CAUSAL=bool(causal), **tiles.meta(head_dim),
+            **dots)
     if dk.numel():
-        _attention_block_backward_dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * n_kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, *args, **meta)
+        tiles = _launch_config("dkdv", q.device, tensor_cores, head_dim, seq_q, seq_k, block_m,
+                               block_n)
+        _attention_block_backward_dkdv_kernel[(triton.cdiv(seq_k, tiles.block_n),
+                                               batch * n_kv_heads)](
+            q, k, v, dout, lse, delta, dk, dv, *args, CAUSAL=bool(causal),
+            **tiles.meta(head_dim), **dots)
     return dq, dk, dv
 
 
@@ -342,6 +353,13 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _tensor_core_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype all the inputs share, which a GPU's dots take on the tensor cores; None
+    when any is float32 (or they differ): IEEE float32 dots on the FMA units."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 and torch.float32 not in dtypes else None
+
+
 def _dot_options(*tensors: torch.Tensor) -> dict:
     """DOT_DTYPE, the tiles' dtype in the dots, and PRECISION, tl.dot's input_precision.
 
@@ -349,24 +367,23 @@ def _dot_options(*tensors: torch.Tensor) -> dict:
     accumulation); float32 otherwise, and always in the interpreter, where 16-bit tl.dot is
     wrong. Float32 dots are IEEE: Triton's default TF32 would round the inputs to 10 bits.
     """
-    dtypes = {t.dtype for t in tensors}
-    if tensors[0].is_cuda and len(dtypes) == 1 and torch.float32 not in dtypes:
-        return {"DOT_DTYPE": _TL_DTYPES[dtypes.pop()], "PRECISION": "tf32"}  # tf32: the default
+    dtype = _tensor_core_dtype(*tensors)
+    if tensors[0].is_cuda and dtype is not None:
+        return {"DOT_DTYPE": _TL_DTYPES[dtype], "PRECISION": "tf32"}  # tf32: the default
     return {"DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
 
 
-def _launch_config(q: torch.Tensor, seq_q: int, seq_k: int, block_m: int | None,
-                   block_n: int | None) -> tuple[int, int, int, dict]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, launch options).
+def _launch_config(kernel: str, device: torch.device, tensor_cores: bool, head_dim: int,
+                   seq_q: int, seq_k: int, block_m: int | None, block_n: int | None) -> Tiles:
+    """The tiles of ``kernel`` ("forward", "dq" or "dkdv"); block_m/block_n override the sizes.
 
-    On a GPU 64 x 64 tiles (a conservative choice that fits D = 128 in both backward kernels;
-    not tuned). In the interpreter each program instance and each loop step costs Python time
-    while a tile op is one numpy call, so tiles are as large as the sequence, up to 128.
+    On a GPU, ATTENTION_TILES. In the interpreter each program instance and each loop step costs
+    Python time while a tile op is one numpy call, so tiles are as large as the sequence, up to
+    128. (Tests call this with a CUDA device to run the GPU's tiles in the interpreter.)
     """
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot needs every dim >= 16
-    if q.is_cuda:
-        return block_m or 64, block_n or 64, block_d, {"num_warps": 4 if block_d <= 64 else 8,
-                                                       "num_stages": 2}
-    block_m = block_m or min(128, max(16, triton.next_power_of_2(seq_q)))
-    block_n = block_n or min(128, max(16, triton.next_power_of_2(seq_k)))
-    return block_m, block_n, block_d, {}
+    if device.type == "cuda":
+        tiles = ATTENTION_TILES[(kernel, tensor_cores, head_dim <= 64)]
+        return Tiles(block_m or tiles.block_m, block_n or tiles.block_n, tiles.num_warps,
+                     tiles.num_stages)
+    return Tiles(block_m or min(128, max(16, triton.next_power_of_2(seq_q))),
+                 block_n or min(128, max(16, triton.next_power_of_2(seq_k))))

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parallelkit.kernels._launch import cuda_options
+
 _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
         torch.float64: tl.float64}
 
@@ -255,15 +257,22 @@ class NormBlocks:
 
 
 def norm_blocks(n_rows: int, n_cols: int, device, max_block_n: int | None = None,
-                max_tile: int | None = None) -> NormBlocks:
-    """The tiling for ``[n_rows, n_cols]`` on ``device``: rows up to ``max_block_n`` columns
-    are one block (one read on the fused paths); a tile holds at most ``max_tile`` elements.
+                max_tile: int | None = None, dtype: torch.dtype = torch.float32) -> NormBlocks:
+    """The tiling for ``[n_rows, n_cols]`` of ``dtype`` on ``device``: rows up to
+    ``max_block_n`` columns are one block (one read on the fused paths); a tile holds at most
+    ``max_tile`` elements.
 
-    On CUDA a tile is sized for registers; in the interpreter (CPU) big tiles mean few programs,
-    which is what costs there."""
+    On CUDA a tile is sized for registers: 8192 units over 16 warps, where an element costs 1
+    unit (16 per thread), 2 in rows whose length is not a multiple of 16 (Triton cannot prove
+    vector alignment and loads element by element, each with its own 64-bit address), and 4
+    with float64 statistics (two registers a value). At 16 elements per thread the fused
+    backward needs about the 128 registers a 512-thread block allows; unaligned fp16 rows and
+    float64 spilt there. In the interpreter (CPU) big tiles mean few programs, which is what
+    costs there."""
     cuda = torch.device(device).type == "cuda"
-    max_block_n = max_block_n or (8192 if cuda else 4096)
-    max_tile = max_tile or (8192 if cuda else 1 << 16)
+    cost = (4 if stats_dtype(dtype) == torch.float64 else 1) * (2 if n_cols % 16 else 1)
+    max_block_n = max_block_n or (8192 // cost if cuda else 4096)
+    max_tile = max_tile or (8192 // cost if cuda else 1 << 16)
     if max_block_n & (max_block_n - 1) or max_tile < max_block_n:
         raise ValueError(f"max_block_n={max_block_n} must be a power of two <= max_tile={max_tile}")
     block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block_n)
@@ -271,8 +280,9 @@ def norm_blocks(n_rows: int, n_cols: int, device, max_block_n: int | None = None
     column_blocks = triton.cdiv(n_cols, block_n)
     slots = 2 * _sm_count(torch.device(device)) if cuda else 2
     programs = max(1, min(triton.cdiv(n_rows, block_m), slots // column_blocks))
-    tile = block_m * block_n
-    return NormBlocks(block_m, block_n, programs, 16 if tile >= 8192 else 8 if tile >= 2048 else 4)
+    load = block_m * block_n * cost
+    num_warps = 16 if load >= 8192 else 8 if load >= 2048 else 4
+    return NormBlocks(block_m, block_n, programs, num_warps)
 
 
 @functools.cache
@@ -301,14 +311,14 @@ def norm_stats_forward(x: torch.Tensor, residual: torch.Tensor | None = None, *,
         in ``stats_dtype(x.dtype)``.
     """
     n_rows, n_cols = x.shape
-    blocks = blocks or norm_blocks(n_rows, n_cols, x.device)
+    blocks = blocks or norm_blocks(n_rows, n_cols, x.device, dtype=x.dtype)
     s = x if residual is None else _empty(x.shape, x.dtype, x.device)
     stats = _empty((1 if rms else 2, n_rows), stats_dtype(x.dtype), x.device)
     if n_rows:
         _norm_stats_kernel[_rows_grid(n_rows, blocks)](
             x, x if residual is None else residual, s, stats, n_rows, n_cols,
             HAS_RESIDUAL=residual is not None, IS_RMS=rms, ACC=_ACC[x.dtype],
-            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, num_warps=blocks.num_warps)
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, **cuda_options(blocks.num_warps))
     return s, stats
 
 
@@ -326,7 +336,7 @@ def _apply(x, residual, weight, bias, mean, rstd, eps, rms, blocks, stats_given)
             _or(mean, rstd), rstd, n_rows, n_cols, eps, STATS_GIVEN=stats_given,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, IS_RMS=rms, ACC=_ACC[x.dtype],
-            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, num_warps=blocks.num_warps)
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, **cuda_options(blocks.num_warps))
     return s, y, mean, rstd
 
 
@@ -339,7 +349,7 @@ def norm_apply_forward(s: torch.Tensor, weight: torch.Tensor | None, bias: torch
         s: ``[T, N]``; weight, bias: ``[N]`` or None; mean (None for RMSNorm), rstd: ``[T]`` in
         ``stats_dtype(s.dtype)``, of the full row.
     """
-    blocks = blocks or norm_blocks(*s.shape, s.device)
+    blocks = blocks or norm_blocks(*s.shape, s.device, dtype=s.dtype)
     return _apply(s, None, weight, bias, mean, rstd, 0.0, rms, blocks, stats_given=True)[1]
 
 
@@ -352,7 +362,7 @@ def fused_norm_forward(x: torch.Tensor, residual: torch.Tensor | None,
     Returns ``(s, y, mean, rstd)``: s as in :func:`norm_stats_forward`, y ``[T, N]`` in x's dtype,
     mean (None for RMSNorm) and rstd ``[T]`` in ``stats_dtype(x.dtype)``.
     """
-    blocks = blocks or norm_blocks(*x.shape, x.device)
+    blocks = blocks or norm_blocks(*x.shape, x.device, dtype=x.dtype)
     if blocks.fits(x.shape[1]):
         return _apply(x, residual, weight, bias, None, None, eps, rms, blocks, stats_given=False)
     s, stats = norm_stats_forward(x, residual, rms=rms, blocks=blocks)
@@ -369,13 +379,13 @@ def norm_sums_backward(s: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor |
     Args: s, dy ``[T, N]``; weight ``[N]`` or None; mean, rstd as from the forward.
     """
     n_rows, n_cols = s.shape
-    blocks = blocks or norm_blocks(n_rows, n_cols, s.device)
+    blocks = blocks or norm_blocks(n_rows, n_cols, s.device, dtype=s.dtype)
     sums = _empty((1 if rms else 2, n_rows), rstd.dtype, s.device)
     if n_rows:
         _norm_backward_sums_kernel[_rows_grid(n_rows, blocks)](
             s, dy, _or(weight, s), _or(mean, rstd), rstd, sums, n_rows, n_cols,
             HAS_WEIGHT=weight is not None, IS_RMS=rms, ACC=_ACC[s.dtype],
-            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, num_warps=blocks.num_warps)
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, **cuda_options(blocks.num_warps))
     return sums
 
 
@@ -394,7 +404,7 @@ def norm_dx_backward(s: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | N
         weight / without ``has_bias``).
     """
     n_rows, n_cols = s.shape
-    blocks = blocks or norm_blocks(n_rows, n_cols, s.device)
+    blocks = blocks or norm_blocks(n_rows, n_cols, s.device, dtype=s.dtype)
     if sums is None and (n_full != n_cols or not blocks.fits(n_cols)):
         raise ValueError(f"norm_dx_backward without sums needs whole rows in one block: "
                          f"n_full={n_full}, {n_cols} columns, block_n={blocks.block_n}")
@@ -409,7 +419,7 @@ def norm_dx_backward(s: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | N
             _or(residual_grad, s), dx, _or(dw, rstd), _or(db, rstd), n_rows, n_cols, n_full,
             SUMS_GIVEN=sums is not None, HAS_RESIDUAL_GRAD=residual_grad is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, IS_RMS=rms, ACC=_ACC[s.dtype],
-            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, num_warps=blocks.num_warps)
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, **cuda_options(blocks.num_warps))
     else:
         dw, db = (None if t is None else t.zero_() for t in (dw, db))
     return dx, None if dw is None else dw.sum(0), None if db is None else db.sum(0)
@@ -423,7 +433,7 @@ def fused_norm_backward(s: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor 
     from the same read), else sums then dx. Returns ``(dx, dw, db)`` as
     :func:`norm_dx_backward`."""
     n_cols = s.shape[1]
-    blocks = blocks or norm_blocks(*s.shape, s.device)
+    blocks = blocks or norm_blocks(*s.shape, s.device, dtype=s.dtype)
     sums = None
     if not blocks.fits(n_cols):
         sums = norm_sums_backward(s, dy, weight, mean, rstd, rms=rms, blocks=blocks)

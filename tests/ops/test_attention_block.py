@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import parallelkit.kernels.flash_attention as flash
+from parallelkit.kernels._launch import ATTENTION_TILES
 from parallelkit.ops import merge_attention_partials_
 from parallelkit.ops.attention_block import attention_block_backward, attention_block_forward
 from parallelkit.reference.attention import attention_block_reference
@@ -252,6 +253,58 @@ def test_kernel_limits_are_explained(monkeypatch):
     q = torch.zeros(1, 1, 4, 16)
     with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[1, 1, 4, 16\]"):
         flash.flash_attention_block_forward(q, q, q, causal=False, out=torch.zeros(1, 1, 4, 8))
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The launchers take the tiles they take on a GPU (the kernels still run in the
+    interpreter, which by itself takes tiles as long as the sequence); yields those used."""
+    choose, used = flash._launch_config, []
+
+    def on_gpu(kernel, device, *args):
+        used.append((kernel, choose(kernel, torch.device("cuda"), *args)))
+        return used[-1][1]
+
+    monkeypatch.setattr(flash, "_launch_config", on_gpu)
+    return used
+
+
+# (B, H, Hkv, Sq, Sk, D, causal, q_offset, k_offset): a few GPU tiles each way with ragged ends,
+# so the GPU's masks, causal tile-skipping and dk/dv's first query tile (rounded down to its own
+# tile size, which differs from the key tile's) run as on the GPU.
+GPU_TILING_CASES = {
+    "diagonal block, GQA": (1, 4, 2, 100, 100, 64, True, 0, 0),
+    "zigzag: early rows see none": (1, 2, 2, 70, 90, 128, True, 10, 40),
+    "block in the past, MQA": (1, 2, 1, 75, 130, 32, False, 200, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", GPU_TILING_CASES.values(), ids=GPU_TILING_CASES.keys())
+def test_gpu_tiles_in_the_interpreter(dtype, case, gpu_tiles, monkeypatch):
+    # bf16 inputs take the tensor-core tiles, float32 ones the FMA tiles (the interpreter's dots
+    # are float32 either way). One block holding every key: its gradients are the full ones.
+    b, h, h_kv, s_q, s_k, d, causal, q_offset, k_offset = case
+    q, k, v = make_qkv(b, h, h_kv, s_q, s_k, d, dtype, seed=6)
+    mask = dict(causal=causal, q_offset=q_offset, k_offset=k_offset)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    expected_out, expected_lse = attention_block_reference(q64, k64, v64, **mask)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    expected_out.backward(dout.double())
+
+    out, lse = forward("triton", q, k, v, monkeypatch, **mask)
+    grads = backward("triton", q, k, v, out, dout, lse, monkeypatch, **mask)
+
+    terms = s_k + d + s_q * h // h_kv  # keys, head dim, the queries sharing a KV head
+    torch.testing.assert_close(out.double(), expected_out.detach(), **out_tolerance(dtype, terms))
+    torch.testing.assert_close(lse.double(), expected_lse.detach(), **lse_tolerance(dtype, terms))
+    for name, actual, expected in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad)):
+        torch.testing.assert_close(actual.double(), expected, **out_tolerance(dtype, terms),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    tensor_cores = dtype != torch.float32
+    assert {kernel: (tiles.block_m, tiles.block_n) for kernel, tiles in gpu_tiles} == {
+        kernel: (tiles.block_m, tiles.block_n) for (kernel, cores, small), tiles in
+        ATTENTION_TILES.items() if cores == tensor_cores and small == (d <= 64)}
 
 
 @pytest.mark.gpu

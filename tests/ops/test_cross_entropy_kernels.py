@@ -4,6 +4,7 @@ path against float64 math, on one rank's slice of the vocabulary; input errors o
 import pytest
 import torch
 
+import parallelkit.kernels.cross_entropy as kernels
 from parallelkit.kernels.cross_entropy import (ROW_MAX, SHIFTED_SUM, SUM_EXP, TARGET_LOGIT,
                                                cross_entropy_backward, cross_entropy_stats_forward)
 from parallelkit.ops.cross_entropy import _grad_torch, _stats_torch, vocab_parallel_cross_entropy
@@ -137,6 +138,26 @@ def test_numerically_hard_logits(impl, dtype, kind, device):
     slice all -inf), in a slice that spans several blocks."""
     smoothing = 0.0 if kind == "masked" else 0.1  # smoothing over -inf logits is an inf loss
     run_case(impl, dtype, device, (64, 600, 300, 300, 128), kind, smoothing)
+
+
+@pytest.mark.parametrize("kind", ["normal", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_tiling_in_the_interpreter(dtype, kind, monkeypatch):
+    """The launchers' GPU tiling (one row per program, 4096-column blocks) in the interpreter,
+    which by itself takes many rows per program: a middle slice of 5000 columns in 2 blocks, the
+    second one partial."""
+    choose = kernels._launch_config
+    tilings = []
+
+    def gpu_tiling(n_rows, n_cols, device, block_v):
+        config = choose(n_rows, n_cols, torch.device("cuda"), block_v)
+        tilings.append(config[:2])  # (rows per program, BLOCK_V); the interpreter ignores warps
+        return config
+
+    monkeypatch.setattr(kernels, "_launch_config", gpu_tiling)
+    run_case("triton", dtype, "cpu", (7, 15000, 5000, 5000, None), kind,
+             0.0 if kind == "masked" else 0.1)
+    assert set(tilings) == {(1, 4096)}
 
 
 @pytest.mark.parametrize("impl,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parallelkit.kernels import norms as triton_norms
-from parallelkit.kernels.norms import NormBlocks
+from parallelkit.kernels.norms import NormBlocks, norm_blocks
 from parallelkit.ops.norms import TorchNorms
 from parallelkit.reference import norms as reference
 from parallelkit.testing.tolerances import assert_close, tolerance
@@ -15,6 +15,10 @@ EPS = 1e-5
 IMPLS = [pytest.param(triton_norms, id="triton"), pytest.param(TorchNorms, id="torch")]
 KINDS = [pytest.param(False, id="layer"), pytest.param(True, id="rms")]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+# The tiling the launchers choose on a GPU, run in the interpreter: whatever the interpreter's own
+# default is, the masks and block loops a GPU executes are the ones tested.
+GPU = "the GPU's tiling"
+SM_COUNT = 132  # an H100's or H200's: the backward's persistent grid depends on it
 # (T rows, N local columns, Triton tiling; None: the default, one block per row).
 SHAPES = [
     pytest.param(0, 16, None, id="no-rows"),
@@ -22,6 +26,8 @@ SHAPES = [
     pytest.param(37, 48, NormBlocks(8, 64, 3, 4), id="37x48-5tiles-3programs"),
     pytest.param(130, 200, NormBlocks(32, 64, 2, 4), id="130x200-4blocks-per-row"),
     pytest.param(20, 1000, NormBlocks(16, 256, 1, 4), id="20x1000-4blocks-per-row"),
+    pytest.param(37, 1000, GPU, id="37x1000-gpu-tiling"),  # 10 row tiles of 4 x 1024
+    pytest.param(3, 9008, GPU, id="3x9008-gpu-tiling"),  # 2 blocks of 8192 (float64: 5 of 2048)
 ]
 
 
@@ -32,8 +38,18 @@ def poison_outputs(monkeypatch):
         shape, float("nan"), dtype=dtype, device=device))
 
 
-def launch_kwargs(impl, blocks):
-    return {"blocks": blocks} if impl is triton_norms and blocks is not None else {}
+@pytest.fixture(autouse=True)
+def gpu_sm_count(monkeypatch):
+    """norm_blocks(..., "cuda") without asking a CUDA driver for the SM count."""
+    monkeypatch.setattr(triton_norms, "_sm_count", lambda device: SM_COUNT)
+
+
+def launch_kwargs(impl, blocks, rows=None, cols=None, dtype=None):
+    if impl is not triton_norms or blocks is None:
+        return {}
+    if blocks == GPU:
+        blocks = norm_blocks(rows, cols, "cuda", dtype=dtype)
+    return {"blocks": blocks}
 
 
 def make_problem(rows, hidden, dtype, rms, seed=0):
@@ -93,7 +109,7 @@ def assert_close_sum(actual, expected_value, terms, name, dtype=None):
 def test_sharded_steps_match_float64(impl, rms, dtype, rows, cols, blocks):
     """Rank 1 of 2: it holds columns [N, 2N) of rows of H = 2N, and the full rows' statistics and
     sums come from float64 math where the collectives would give them."""
-    kwargs = launch_kwargs(impl, blocks)
+    kwargs = launch_kwargs(impl, blocks, rows, cols, dtype)
     hidden, mine = 2 * cols, slice(cols, 2 * cols)
     x, residual, weight, bias, dy, ds = make_problem(rows, hidden, dtype, rms)
     local = [None if t is None else t[..., mine].contiguous()
@@ -143,7 +159,7 @@ def test_sharded_steps_match_float64(impl, rms, dtype, rows, cols, blocks):
 def test_fused_full_rows_match_reference(impl, rms, dtype, rows, cols, blocks):
     """tp=1: the fused forward and backward (one kernel each when a row fits one block, else
     two) with the residual add, against the reference's output and autograd gradients."""
-    kwargs = launch_kwargs(impl, blocks)
+    kwargs = launch_kwargs(impl, blocks, rows, cols, dtype)
     x, residual, weight, bias, dy, ds = make_problem(rows, cols, dtype, rms)
     s, y, mean, rstd = impl.fused_norm_forward(x, residual, weight, bias, EPS, rms=rms, **kwargs)
     y_ref, s_ref, (dx_ref, dr_ref, dw_ref, db_ref) = expected(rms, x, residual, weight, bias,
@@ -240,3 +256,11 @@ def test_constant_rows(impl, rms):
     assert_close(dx, dx_ref, name="dx", terms=cols)
     assert_close_sum(dw, dw_ref, 4, name="dw")
     assert_close_sum(db, db_ref, 4, name="db")
+
+
+def test_gpu_tiling_cases_differ_from_the_interpreters_default():
+    """The GPU shapes above run tilings the interpreter would not choose by itself."""
+    for rows, cols, dtype in [(37, 1000, torch.float32), (3, 9008, torch.float32),
+                              (3, 9008, torch.float64)]:
+        assert norm_blocks(rows, cols, "cuda", dtype=dtype) != norm_blocks(rows, cols, "cpu",
+                                                                            dtype=dtype)

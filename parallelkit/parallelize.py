@@ -84,19 +84,20 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
     tp_bound = bind_group(tp_group, "tp")
     tp, cp = tp_bound.size, bind_group(cp_group, "cp").size
     _check_heads(model, family, tp)
-    sequence_parallel = _choose_sequence_parallel(model, plan, sequence_parallel, tp)
+    patterns = _patterns_by_module(model, plan)
+    styles = {name: plan[pattern] for name, pattern in patterns.items()}
+    sequence_parallel = _choose_sequence_parallel(model, styles, sequence_parallel, tp)
     options = ParallelOptions(sequence_parallel, sequence_parallel if overlap_comm is None
                               else overlap_comm, loss_parallel, cp_layout, chunks_per_rank)
     conversion = Conversion(tp_group, cp_group, tp, cp, options,
                             family.sequence_dim if family else 1)
 
-    patterns = _patterns_by_module(model, plan)
     modules = dict(model.named_modules())
-    for name, pattern in patterns.items():
-        style = plan[pattern]
+    for name, style in styles.items():
         if (cp if style.needs == "cp" else tp) > 1:
             _replace(model, name, style.apply(modules[name], conversion))
-    unused = [p for p in plan if p not in set(patterns.values())]
+    used = set(patterns.values())
+    unused = [p for p in plan if p not in used]
     if unused:
         raise ValueError(f"plan pattern(s) {unused} matched no module of "
                          f"{type(model).__name__}; check the names in model.named_modules()")
@@ -138,15 +139,15 @@ def _resolve_plan(model: nn.Module, plan: dict | None, family: Family | None) ->
     return resolved
 
 
-def _choose_sequence_parallel(model: nn.Module, plan: dict, requested: bool | None,
+def _choose_sequence_parallel(model: nn.Module, styles: dict, requested: bool | None,
                               tp: int) -> bool:
     """Sequence parallelism where the plan supports it and no parameter would be silently
     wrong under it. A parameter of the decoder stack that no style places runs on this rank's
     tokens under sequence parallelism, so its gradient would be a partial sum nobody completes:
     by default sequence parallelism is then off (with a warning), on request an error. One
-    inside a parallel region may act on a TP-sharded activation: always an error at tp > 1."""
+    inside a parallel region may act on a TP-sharded activation: always an error at tp > 1.
+    ``styles``: {module name: its style}, as the plan matched them."""
     name = type(model).__name__
-    styles = {module: plan[p] for module, p in _patterns_by_module(model, plan).items()}
     in_region, per_token = _unplaced_parameters(model, styles)
     if in_region and tp > 1:
         raise ValueError(f"{name}: the plan places no style on {_some(in_region)} inside a "

@@ -42,6 +42,8 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
     path = ("fused all_gather_matmul" if overlap_comm else "all-gather then matmul") + \
         " shared by the region"
 
+    in_call: list[ColumnParallelLinear] = []  # the column layers given this call's products
+
     def columns() -> list[ColumnParallelLinear]:
         found = [m for m in module.modules()
                  if isinstance(m, ColumnParallelLinear) and m.sequence_parallel]
@@ -74,13 +76,15 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
         outputs = y.split([layer.weight.shape[0] for layer in layers], dim=-1)
         for layer, out in zip(layers, outputs):
             layer.region_call = RegionCall(full, out, path)
+        in_call[:] = layers
         if args:
             return (full, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": full}
 
     def leave(mod, args, kwargs, output=None):
-        for layer in columns():
+        for layer in in_call:
             layer.region_call = None
+        in_call.clear()
 
     module.register_forward_pre_hook(enter, with_kwargs=True)
     module.register_forward_hook(leave, with_kwargs=True, always_call=True)

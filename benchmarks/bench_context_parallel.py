@@ -35,10 +35,10 @@ from benchmarks._harness import (Report, paired_ratio, publish, slowest_per_step
                                  time_alternating)
 from parallelkit import mpu
 from parallelkit.context_parallel import ContextParallelAttention, split_for_context_parallel
-from parallelkit.distributed.context_layout import parts
+from parallelkit.distributed.packed_layout import PackedLayout
 from parallelkit.launch import LocalWorld
 from parallelkit.ops.attention_block import attention_block_backward, attention_block_forward
-from parallelkit.ops.ring_attention import ring_blocks
+from parallelkit.ops.ring_attention import ring_step_masks
 from parallelkit.testing.tolerances import assert_close
 
 QUICK = ["--cp", "2", "--seq", "256", "512", "--heads", "2", "--dim", "32", "--repeats", "3"]
@@ -139,24 +139,30 @@ def full_attention_bytes(seq: int, heads: int, dim: int) -> int:
     return saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-def serial_busy(cp: int, seq: int, heads: int, dim: int, layout: str, repeats: int = 5):
+def serial_busy(cp: int, seq: int, heads: int, dim: int, layout: str, repeats: int = 5,
+                masks_of=None) -> list[float]:
     """Per rank: seconds of its forward + backward block work over all ring steps, timed here
-    one block at a time (median of ``repeats``)."""
-    part_len = seq // parts(layout, cp)
-    q, k, v = (t.detach()[:, :, :part_len] for t in inputs(seq, heads, dim))
+    one step at a time (median of ``repeats``). ``masks_of(rank)``: that rank's step masks
+    (default: one causal sequence in ``layout``)."""
+    if masks_of is None:
+        packed = PackedLayout.build([0, seq], cp, layout)
+
+        def masks_of(rank):
+            return ring_step_masks(packed, rank, True)
+    q, k, v = (t.detach()[:, :, :seq // cp] for t in inputs(seq, heads, dim))
     busy = []
     for rank in [0] + list(range(cp)):  # rank 0 twice: the first pass only warms up
         total = 0.0
-        for kv_rank in range(cp):
-            for b in ring_blocks(layout, True, rank, kv_rank, cp, part_len):
-                offsets = dict(causal=b.causal, q_offset=b.q_offset, k_offset=b.k_offset)
-                samples = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    out, lse = attention_block_forward(q, k, v, **offsets)
-                    attention_block_backward(q, k, v, out, out, lse, **offsets)
-                    samples.append(time.perf_counter() - start)
-                total += sorted(samples)[len(samples) // 2]
+        for mask in masks_of(rank):
+            if mask is None:
+                continue
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out, lse = attention_block_forward(q, k, v, ranges=mask)
+                attention_block_backward(q, k, v, out, out, lse, ranges=mask)
+                samples.append(time.perf_counter() - start)
+            total += sorted(samples)[len(samples) // 2]
         busy.append(total)
     return busy[1:]
 

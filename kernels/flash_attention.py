@@ -6,11 +6,13 @@ over that block's keys alone plus the log-sum-exp of the scores, which the log-s
 takes the FINAL out and lse (merged over all blocks), so that P = exp(s - lse) is this block's
 slice of the full softmax and the block's dq, dk, dv are its exact share of the gradients.
 
-Positions: ``q_offset`` and ``k_offset`` are the global positions of the block's first query and
-first key, so with ``causal`` key j is visible to query i iff ``k_offset + j <= q_offset + i``.
-That one rule covers the diagonal block, blocks entirely in the past, blocks entirely in the
-future (every row masked: lse = -inf, out = 0) and zigzag chunks. Key (forward, dq) or query
-(dk/dv) tiles that are masked for every row of a program are never loaded.
+Masks: query i of batch row b sees keys ``key_start[b, i] <= j < key_end[b, i]``, and key j is
+seen by queries ``query_start[b, j] <= i < query_end[b, j]`` (``parallelkit.ops.attention_mask``
+builds these ranges for causal blocks at global offsets and for packed documents). That one rule
+covers the diagonal block, blocks entirely in the past, blocks entirely in the future (every row
+masked: lse = -inf, out = 0), zigzag chunks and document boundaries. A program loops only over
+the union of its rows' ranges: key (forward, dq) or query (dk/dv) tiles no row sees are never
+loaded.
 
 GQA: query head h reads kv head h // (H // Hkv). The dk/dv kernel loops over the query heads of
 its kv head, so it writes each dk/dv element once (no atomics).
@@ -40,13 +42,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _visible(q_idx, k_idx, seq_q, seq_k, q_offset, k_offset, CAUSAL: tl.constexpr):
-    """Mask of the (query, key) pairs that exist and may attend; q_idx/k_idx are broadcastable
-    index tensors within the block."""
-    ok = (q_idx < seq_q) & (k_idx < seq_k)
-    if CAUSAL:
-        ok = ok & (k_offset + k_idx <= q_offset + q_idx)
-    return ok
+def _load_ranges(start_ptr, end_ptr, idx, n):
+    """[start, end) of rows idx of a range table (rows past n: an empty range)."""
+    start = tl.load(start_ptr + idx, mask=idx < n, other=2147483647)
+    end = tl.load(end_ptr + idx, mask=idx < n, other=0)
+    return start, end
 
 
 @triton.jit
@@ -83,23 +83,30 @@ def _query_head(bh, n_heads, group_size):
 
 
 @triton.jit
-def _visible_key_end(seq_k, q_offset, k_offset, last_row, CAUSAL: tl.constexpr):
-    """One past the last key any query up to last_row may see: later key tiles are skipped."""
-    if CAUSAL:
-        return tl.minimum(seq_k, tl.maximum(0, q_offset + last_row + 1 - k_offset))
-    else:
-        return seq_k
+def _loop_bounds(start, end, BLOCK: tl.constexpr):
+    """[begin, end) of the tile loop over the union of the rows' non-empty ranges, begin rounded
+    down to a whole tile; (0, 0) when every range is empty."""
+    nonempty = end > start
+    first = tl.min(tl.where(nonempty, start, 2147483647), axis=0)
+    last = tl.max(tl.where(nonempty, end, 0), axis=0)
+    return tl.where(last > 0, (first // BLOCK) * BLOCK, 0), last
+
+
+@triton.jit
+def _in_range(idx, start, end):
+    """Mask of idx inside [start, end), broadcasting a row's range over idx."""
+    return (idx >= start) & (idx < end)
 
 
 @triton.jit
 def _attention_block_forward_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, key_start_ptr, key_end_ptr,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        n_heads, group_size, seq_q, seq_k, head_dim, q_offset, k_offset, qk_scale,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        stride_vb, stride_vh, stride_vs, stride_rb,
+        n_heads, group_size, seq_q, seq_k, head_dim, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    # One program: BLOCK_M queries of one (batch, head), streaming the visible keys.
+    # One program: BLOCK_M queries of one (batch, head), streaming the keys they see.
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h, kv_h = _query_head(bh, n_heads, group_size)
@@ -109,17 +116,19 @@ def _attention_block_forward_kernel(
                    DOT_DTYPE)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    key_start, key_end = _load_ranges(key_start_ptr + b * stride_rb, key_end_ptr + b * stride_rb,
+                                      rows, seq_q)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # max score so far (log2 units)
     run_sum = tl.zeros((BLOCK_M,), tl.float32)  # Σ exp2(s - run_max)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # Σ exp2(s - run_max) · v
-    end_n = _visible_key_end(seq_k, q_offset, k_offset, start_m + BLOCK_M - 1, CAUSAL)
-    for start_n in range(0, end_n, BLOCK_N):
+    begin_n, end_n = _loop_bounds(key_start, key_end, BLOCK_N)
+    for start_n in range(begin_n, end_n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, cols, seq_k, stride_ks, dims, head_dim, DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(_visible(rows[:, None], cols[None, :], seq_q, seq_k, q_offset, k_offset,
-                              CAUSAL), s, float("-inf"))
+        s = tl.where(_in_range(cols[None, :], key_start[:, None], key_end[:, None]), s,
+                     float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         # A row that has seen only masked keys shifts by 0, never by -inf: -inf - -inf is NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -141,13 +150,14 @@ def _attention_block_forward_kernel(
 
 @triton.jit
 def _attention_block_backward_dq_kernel(
-        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, key_start_ptr, key_end_ptr,
+        query_start_ptr, query_end_ptr,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
-        n_heads, group_size, seq_q, seq_k, head_dim, q_offset, k_offset, qk_scale, scale,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_rb, stride_cb,
+        n_heads, group_size, seq_q, seq_k, head_dim, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    # One program: dq of BLOCK_M queries of one (batch, head), streaming the visible keys.
+    # One program: dq of BLOCK_M queries of one (batch, head), streaming the keys they see.
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h, kv_h = _query_head(bh, n_heads, group_size)
@@ -161,15 +171,17 @@ def _attention_block_backward_dq_kernel(
                                  delta_ptr + bh.to(tl.int64) * seq_q, rows, seq_q)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    key_start, key_end = _load_ranges(key_start_ptr + b * stride_rb, key_end_ptr + b * stride_rb,
+                                      rows, seq_q)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    end_n = _visible_key_end(seq_k, q_offset, k_offset, start_m + BLOCK_M - 1, CAUSAL)
-    for start_n in range(0, end_n, BLOCK_N):
+    begin_n, end_n = _loop_bounds(key_start, key_end, BLOCK_N)
+    for start_n in range(begin_n, end_n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, cols, seq_k, stride_ks, dims, head_dim, DOT_DTYPE)
         v = _load_tile(v_base, cols, seq_k, stride_vs, dims, head_dim, DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = _visible(rows[:, None], cols[None, :], seq_q, seq_k, q_offset, k_offset, CAUSAL)
+        visible = _in_range(cols[None, :], key_start[:, None], key_end[:, None])
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)  # this block's slice of softmax
         dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -180,15 +192,16 @@ def _attention_block_backward_dq_kernel(
 
 @triton.jit
 def _attention_block_backward_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_start_ptr,
+        key_end_ptr, query_start_ptr, query_end_ptr,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
-        n_heads, group_size, seq_q, seq_k, head_dim, q_offset, k_offset, qk_scale, scale,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_rb, stride_cb,
+        n_heads, group_size, seq_q, seq_k, head_dim, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    # One program: dk, dv of BLOCK_N keys of one (batch, kv head), streaming the queries of every
-    # query head that reads this kv head. Scores are computed transposed ([keys, queries]) so
-    # that both updates are plain dots with no transpose of P.
+    # One program: dk, dv of BLOCK_N keys of one (batch, kv head), streaming the queries that see
+    # them, of every query head that reads this kv head. Scores are computed transposed
+    # ([keys, queries]) so that both updates are plain dots with no transpose of P.
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     n_kv_heads = n_heads // group_size
@@ -200,27 +213,26 @@ def _attention_block_backward_dkdv_kernel(
                    head_dim, DOT_DTYPE)
     v = _load_tile(v_ptr + b * stride_vb + kv_h * stride_vh, cols, seq_k, stride_vs, dims,
                    head_dim, DOT_DTYPE)
+    query_start, query_end = _load_ranges(query_start_ptr + b * stride_cb,
+                                          query_end_ptr + b * stride_cb, cols, seq_k)
+    begin_m, end_m = _loop_bounds(query_start, query_end, BLOCK_M)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    if CAUSAL:  # queries before the first one that sees key start_n are skipped
-        first_m = tl.maximum(0, k_offset + start_n - q_offset)
-        first_m = (first_m // BLOCK_M) * BLOCK_M
-    else:
-        first_m = 0
     for g in range(0, group_size):
         h = kv_h * group_size + g
         bh = b * n_heads + h
         q_base = q_ptr + b * stride_qb + h * stride_qh
         dout_base = dout_ptr + b * stride_db + h * stride_dh
-        for start_m in range(first_m, seq_q, BLOCK_M):
+        for start_m in range(begin_m, end_m, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_base, rows, seq_q, stride_qs, dims, head_dim, DOT_DTYPE)
             dout = _load_tile(dout_base, rows, seq_q, stride_ds, dims, head_dim, DOT_DTYPE)
             lse, delta = _load_row_stats(lse_ptr + bh * seq_q, delta_ptr + bh * seq_q, rows, seq_q)
+            key_start, key_end = _load_ranges(key_start_ptr + b * stride_rb,
+                                              key_end_ptr + b * stride_rb, rows, seq_q)
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            visible = _visible(rows[None, :], cols[:, None], seq_q, seq_k, q_offset, k_offset,
-                               CAUSAL)
+            visible = _in_range(cols[:, None], key_start[None, :], key_end[None, :])
             p_t = tl.where(visible, tl.exp2(s_t - lse[None, :]), 0.0)
             dv = tl.dot(p_t.to(DOT_DTYPE), dout, dv, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
@@ -232,8 +244,8 @@ def _attention_block_backward_dkdv_kernel(
 
 
 def flash_attention_block_forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, q_offset: int = 0,
-        k_offset: int = 0, scale: float | None = None, out: torch.Tensor | None = None,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor,
+        key_end: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None, block_m: int | None = None,
         block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over this block of keys, and its log-sum-exp.
@@ -242,8 +254,8 @@ def flash_attention_block_forward(
         q: [B, H, Sq, D]; k, v: [B, Hkv, Sk, D] with H % Hkv == 0; one dtype of KERNEL_DTYPES,
             last dim contiguous, D <= MAX_HEAD_DIM. Shapes are assumed consistent (the op
             ``parallelkit.ops.attention_block`` checks them).
-        causal, q_offset, k_offset: key j visible to query i iff not causal or
-            k_offset + j <= q_offset + i.
+        key_start, key_end: contiguous int32 [B or 1, Sq]: query i of batch row b sees keys
+            key_start[b, i] <= j < key_end[b, i], 0 <= both <= Sk (see ``KeyRanges``).
         scale: score multiplier, default D ** -0.5.
         out, lse: optional contiguous float32 buffers [B, H, Sq, D] and [B, H, Sq] to write.
         block_m, block_n: query/key tile sizes (powers of 2, >= 16; default by device, kernel
@@ -256,6 +268,7 @@ def flash_attention_block_forward(
     batch, n_heads, seq_q, head_dim = q.shape
     n_kv_heads, seq_k = k.shape[1], k.shape[2]
     _check_kernel_inputs(q=q, k=k, v=v)
+    stride_rb = _range_batch_stride(key_start, key_end, rows=seq_q, batch=batch)
     out = _output(out, "out", (batch, n_heads, seq_q, head_dim), q.device)
     lse = _output(lse, "lse", (batch, n_heads, seq_q), q.device)
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -266,18 +279,18 @@ def flash_attention_block_forward(
                                block_m, block_n)
         grid = (triton.cdiv(seq_q, tiles.block_m), batch * n_heads)
         _attention_block_forward_kernel[grid](
-            q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
-            n_heads, n_heads // n_kv_heads, seq_q, seq_k, head_dim, q_offset, k_offset,
-            scale * _LOG2E, CAUSAL=bool(causal), **tiles.meta(head_dim), **dots)
+            q, k, v, out, lse, key_start, key_end, *_strides(q), *_strides(k), *_strides(v),
+            stride_rb, n_heads, n_heads // n_kv_heads, seq_q, seq_k, head_dim, scale * _LOG2E,
+            **tiles.meta(head_dim), **dots)
     return out, lse
 
 
 def flash_attention_block_backward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-        dout: torch.Tensor, lse: torch.Tensor, *, causal: bool, q_offset: int = 0,
-        k_offset: int = 0, scale: float | None = None, dq: torch.Tensor | None = None,
-        dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-        block_m: int | None = None,
+        dout: torch.Tensor, lse: torch.Tensor, key_start: torch.Tensor, key_end: torch.Tensor,
+        query_start: torch.Tensor, query_end: torch.Tensor, *, scale: float | None = None,
+        dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
+        dv: torch.Tensor | None = None, block_m: int | None = None,
         block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of the attention gradients, given the FINAL out and lse.
 
@@ -286,10 +299,12 @@ def flash_attention_block_backward(
         dq = scale · dS k,  dk = scale · dSᵀ q,  dv = Pᵀ dout
 
     Args:
-        q, k, v, causal, q_offset, k_offset, scale: as for :func:`flash_attention_block_forward`.
+        q, k, v, key_start, key_end, scale: as for :func:`flash_attention_block_forward`.
         out: [B, H, Sq, D] float, the output merged over ALL key blocks (only delta reads it).
         dout: [B, H, Sq, D] one of KERNEL_DTYPES, last dim contiguous: d loss / d out.
         lse: [B, H, Sq] float32, the log-sum-exp merged over all key blocks.
+        query_start, query_end: contiguous int32 [B or 1, Sk], the same mask seen from the keys:
+            key j is seen by queries query_start[b, j] <= i < query_end[b, j].
         dq, dk, dv: optional contiguous float32 buffers [B, H, Sq, D], [B, Hkv, Sk, D] x2.
 
     Returns:
@@ -301,6 +316,8 @@ def flash_attention_block_backward(
     _check_kernel_inputs(q=q, k=k, v=v, dout=dout)
     if lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32, got {lse.dtype}")
+    stride_rb = _range_batch_stride(key_start, key_end, rows=seq_q, batch=batch)
+    stride_cb = _range_batch_stride(query_start, query_end, rows=seq_k, batch=batch)
     lse = lse.contiguous()
     # Σ_d dout·out per row: O(Sq·D), negligible next to the O(Sq·Sk·D) kernels.
     delta = (dout.float() * out.float()).sum(-1).contiguous()
@@ -308,24 +325,23 @@ def flash_attention_block_backward(
     dk = _output(dk, "dk", (batch, n_kv_heads, seq_k, head_dim), q.device)
     dv = _output(dv, "dv", (batch, n_kv_heads, seq_k, head_dim), q.device)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), n_heads,
-            n_heads // n_kv_heads, seq_q, seq_k, head_dim, q_offset, k_offset, scale * _LOG2E,
-            scale)
+    # The dq kernel reads only the key ranges and the dk/dv kernel both; one argument list.
+    args = (key_start, key_end, query_start, query_end, *_strides(q), *_strides(k),
+            *_strides(v), *_strides(dout), stride_rb, stride_cb, n_heads, n_heads // n_kv_heads,
+            seq_q, seq_k, head_dim, scale * _LOG2E, scale)
     dots = _dot_options(q, k, v, dout)
     tensor_cores = _tensor_core_dtype(q, k, v, dout) is not None
     if dq.numel():
         tiles = _launch_config("dq", q.device, tensor_cores, head_dim, seq_q, seq_k, block_m,
                                block_n)
         _attention_block_backward_dq_kernel[(triton.cdiv(seq_q, tiles.block_m), batch * n_heads)](
-            q, k, v, dout, lse, delta, dq, *args, CAUSAL=bool(causal), **tiles.meta(head_dim),
-            **dots)
+            q, k, v, dout, lse, delta, dq, *args, **tiles.meta(head_dim), **dots)
     if dk.numel():
         tiles = _launch_config("dkdv", q.device, tensor_cores, head_dim, seq_q, seq_k, block_m,
                                block_n)
         _attention_block_backward_dkdv_kernel[(triton.cdiv(seq_k, tiles.block_n),
                                                batch * n_kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, *args, CAUSAL=bool(causal),
-            **tiles.meta(head_dim), **dots)
+            q, k, v, dout, lse, delta, dk, dv, *args, **tiles.meta(head_dim), **dots)
     return dq, dk, dv
 
 
@@ -337,6 +353,19 @@ def _check_kernel_inputs(**tensors: torch.Tensor) -> None:
     head_dim = tensors["q"].shape[-1]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is larger than the kernels' {MAX_HEAD_DIM}")
+
+
+def _range_batch_stride(start: torch.Tensor, end: torch.Tensor, rows: int, batch: int) -> int:
+    """The batch stride of a range table [B or 1, rows]: 0 when every batch row shares it."""
+    if start.shape != end.shape:
+        raise ValueError(f"a range's start and end tables differ in shape: {list(start.shape)} "
+                         f"and {list(end.shape)}")
+    for t in (start, end):
+        if (t.dtype != torch.int32 or not t.is_contiguous() or t.dim() != 2
+                or t.shape[1] != rows or t.shape[0] not in (1, batch)):
+            raise ValueError(f"a range table must be a contiguous int32 [{batch} or 1, {rows}] "
+                             f"tensor, got {t.dtype} {list(t.shape)}")
+    return 0 if start.shape[0] == 1 else rows
 
 
 def _output(buffer: torch.Tensor | None, name: str, shape: tuple, device) -> torch.Tensor:

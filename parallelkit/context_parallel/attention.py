@@ -20,7 +20,9 @@ class ContextParallelAttention(nn.Module):
     ``forward(q, k, v, is_causal=False, scale=None)`` takes what ``scaled_dot_product_attention``
     takes, for this rank's tokens: q ``[b, heads, s/cp, d]``, k and v ``[b, kv_heads, s/cp, d]``
     (GQA when kv_heads < heads), tokens in ``layout`` order (``split_for_context_parallel``), and
-    returns ``[b, heads, s/cp, d]``.
+    returns ``[b, heads, s/cp, d]``. For packed documents it also takes ``cu_seqlens``, the
+    boundaries of the whole packed sequence, whose documents are split one by one
+    (``split_packed``); ``position_ids``, if given, are checked against the split.
 
     Args:
         cp_group: the context-parallel group (default: the MPU's).
@@ -41,10 +43,11 @@ class ContextParallelAttention(nn.Module):
         self.layout, self.mode = layout, mode
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
-                scale: float | None = None) -> torch.Tensor:
+                scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         self._group.check(self)
         return MODES[self.mode](q, k, v, self.cp_group, causal=is_causal, layout=self.layout,
-                                scale=scale)
+                                scale=scale, cu_seqlens=cu_seqlens, position_ids=position_ids)
 
     def extra_repr(self) -> str:
         return (f"cp={dist.get_world_size(self.cp_group)}, layout={self.layout!r}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -26,8 +27,6 @@ UNSUPPORTED = {
     "softcap": "attention logit soft-capping (e.g. Gemma-2's attn_logit_softcapping)",
     "s_aux": "attention sinks (e.g. GPT-OSS)",
     "position_bias": "an additive attention bias (relative positions)",
-    "cu_seq_lens_q": "packed sequences (cumulative sequence lengths)",
-    "cu_seq_lens_k": "packed sequences (cumulative sequence lengths)",
     "cache": "a paged KV cache (continuous batching)",
 }
 
@@ -39,10 +38,13 @@ def use_context_parallel_attention(model: nn.Module, cp_group: dist.ProcessGroup
                                    layout: str = "zigzag") -> None:
     """Route ``model``'s attention to ring attention over ``cp_group`` (default: the MPU's).
 
-    Causal self-attention over the whole (split) sequence: a padding mask cannot be split with
-    the tokens, so a forward given an ``attention_mask`` with padding raises, as does an attention
-    call with an option ring attention does not implement (:data:`UNSUPPORTED`, non-causal, or a
-    sliding window shorter than the whole sequence)."""
+    Causal self-attention over the whole (split) sequence, or within each document of a packed
+    one: the forward then takes ``cu_seq_lens_q`` (transformers' flash-attention keyword), the
+    boundaries of the whole packed sequence, and position ids within each document
+    (``split_packed_batch`` makes both). ``position_ids`` are checked against the split. A
+    padding mask cannot be split with the tokens, so a forward given an ``attention_mask`` with
+    padding raises, as does an attention call with an option ring attention does not implement
+    (:data:`UNSUPPORTED`, non-causal, or a sliding window shorter than the whole sequence)."""
     from transformers import AttentionInterface
 
     for config in _configs(model):  # known from the config: refused now, not at the first call
@@ -60,7 +62,9 @@ def use_context_parallel_attention(model: nn.Module, cp_group: dist.ProcessGroup
             raise ValueError("context-parallel attention does not apply attention dropout; "
                              "set the config's attention_dropout to 0")
         _check_supported(module, key.shape[-2] * cp, kwargs)
-        out = attention(query, key, value, is_causal=True, scale=scaling)
+        out = attention(query, key, value, is_causal=True, scale=scaling,
+                        cu_seqlens=_document_boundaries(module, kwargs),
+                        position_ids=kwargs.get("position_ids"))
         return out.transpose(1, 2).contiguous(), None
 
     name = f"{IMPLEMENTATION}_{next(_registered)}"
@@ -102,6 +106,17 @@ def _check_supported(module: nn.Module, sequence: int, kwargs: dict) -> None:
                          f"sequence ({sequence} tokens over all CP ranks), and context-parallel "
                          "(ring) attention does not implement the window: use sequences of at "
                          f"most {window} tokens, or cp=1")
+
+
+def _document_boundaries(module: nn.Module, kwargs: dict):
+    """The packed sequence's cu_seqlens from transformers' flash-attention keywords, or None."""
+    q_bounds, k_bounds = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if k_bounds is not None and (q_bounds is None or not torch.equal(
+            torch.as_tensor(q_bounds).cpu(), torch.as_tensor(k_bounds).cpu())):
+        raise ValueError(f"{type(module).__name__} got cu_seq_lens_k different from "
+                         "cu_seq_lens_q; context-parallel attention is self-attention over one "
+                         "packed sequence: pass the same boundaries (or cu_seq_lens_q alone)")
+    return q_bounds
 
 
 def _refuse_padding(model, args, kwargs):

@@ -7,29 +7,34 @@ keys. After the ring, ``attention_block_backward`` of each block, given the FINA
 lse, gives that block's exact share of the gradients: dq summed over the blocks, and dk/dv of
 each block's keys, equal the gradients of attention over all keys at once.
 
-Positions are global: ``q_offset``/``k_offset`` are the sequence positions of the first query and
-first key, and with ``causal`` key j is visible to query i iff ``k_offset + j <= q_offset + i``.
-A query row with no visible key in the block gets lse = -inf and out = 0, which the merge skips.
+Masks: positions are global: ``q_offset``/``k_offset`` are the sequence positions of the first
+query and first key, and with ``causal`` key j is visible to query i iff ``k_offset + j <=
+q_offset + i``. Any other mask in which each query sees one contiguous range of keys (packed
+documents: ``attention_mask.document_ranges``) is passed as ``ranges`` instead. A query row with
+no visible key in the block gets lse = -inf and out = 0, which the merge skips.
 
 Both run as the Triton kernels of ``parallelkit.kernels.flash_attention`` when
 ``parallelkit.ops._backend.use_triton`` says so and the inputs are float32/bfloat16/float16, and
-as the same math in torch otherwise (CPU, float64); the torch path materialises the block's
-[Sq, Sk] scores, in float32 (float64 for float64 inputs).
+as the same math in torch otherwise (CPU, float64); the torch path materialises the scores of
+windows of 256 query rows against the keys they see, in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from parallelkit.ops._backend import use_triton
+from parallelkit.ops.attention_mask import KeyRanges, offset_ranges
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
 def attention_block_forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, q_offset: int = 0,
-        k_offset: int = 0, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+        q_offset: int = 0, k_offset: int = 0, scale: float | None = None,
+        ranges: KeyRanges | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of the queries over this block of keys.
 
     Args:
@@ -39,6 +44,8 @@ def attention_block_forward(
         causal: mask key j from query i unless k_offset + j <= q_offset + i.
         q_offset, k_offset: global sequence positions of q[:, :, 0] and k[:, :, 0].
         scale: score multiplier, default D ** -0.5.
+        ranges: the mask as the keys each query sees (``KeyRanges`` of [B or 1, Sq] and
+            [B or 1, Sk]), instead of causal and the offsets.
 
     Returns:
         out: [B, H, Sq, D] float32 (float64 for float64 inputs), normalised over this block's
@@ -47,19 +54,20 @@ def attention_block_forward(
             with none. Merge blocks with ``merge_attention_partials_`` (start: out 0, lse -inf).
     """
     check_inputs(q, k, v)
+    ranges = _ranges(q, k, causal, q_offset, k_offset, ranges)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _kernels(q):
         from parallelkit.kernels.flash_attention import flash_attention_block_forward
         return flash_attention_block_forward(
-            *map(_last_dim_contiguous, (q, k, v)), causal=causal, q_offset=q_offset,
-            k_offset=k_offset, scale=scale)
-    return _forward_torch(q, k, v, causal, q_offset, k_offset, scale)
+            *map(_last_dim_contiguous, (q, k, v)), ranges.key_start, ranges.key_end, scale=scale)
+    return _forward_torch(q, k, v, ranges, scale)
 
 
 def attention_block_backward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-        lse: torch.Tensor, *, causal: bool, q_offset: int = 0, k_offset: int = 0,
-        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lse: torch.Tensor, *, causal: bool = False, q_offset: int = 0, k_offset: int = 0,
+        scale: float | None = None,
+        ranges: KeyRanges | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of the attention gradients (flash-attention backward of one block).
 
     With P = exp(scale · q kᵀ - lse) (this block's slice of the full softmax, 0 where masked),
@@ -67,7 +75,8 @@ def attention_block_backward(
     dq = scale · dS k, dk = scale · dSᵀ q, dv = Pᵀ dout.
 
     Args:
-        q, k, v, causal, q_offset, k_offset, scale: as for :func:`attention_block_forward`.
+        q, k, v, causal, q_offset, k_offset, scale, ranges: as for
+            :func:`attention_block_forward`.
         out: [B, H, Sq, D] float, the FINAL output merged over all key blocks.
         dout: [B, H, Sq, D] float, d loss / d out.
         lse: [B, H, Sq] float, the FINAL log-sum-exp merged over all key blocks; rows of -inf
@@ -79,13 +88,33 @@ def attention_block_backward(
     """
     check_inputs(q, k, v)
     _check_grad_inputs(q, out, dout, lse)
+    ranges = _ranges(q, k, causal, q_offset, k_offset, ranges)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _kernels(q) and dout.dtype in _KERNEL_DTYPES:
         from parallelkit.kernels.flash_attention import flash_attention_block_backward
         return flash_attention_block_backward(
             *map(_last_dim_contiguous, (q, k, v)), out, _last_dim_contiguous(dout), lse.float(),
-            causal=causal, q_offset=q_offset, k_offset=k_offset, scale=scale)
-    return _backward_torch(q, k, v, out, dout, lse, causal, q_offset, k_offset, scale)
+            ranges.key_start, ranges.key_end, ranges.query_start, ranges.query_end, scale=scale)
+    return _backward_torch(q, k, v, out, dout, lse, ranges, scale)
+
+
+def _ranges(q: torch.Tensor, k: torch.Tensor, causal: bool, q_offset: int, k_offset: int,
+            ranges: KeyRanges | None) -> KeyRanges:
+    """The mask as key ranges: the one given, or the causal/offset block's."""
+    if ranges is None:
+        return offset_ranges(q.shape[2], k.shape[2], causal, q_offset, k_offset, q.device)
+    if causal or q_offset or k_offset:
+        raise ValueError("pass the mask either as causal/q_offset/k_offset or as ranges, not both")
+    batch, seq_q, seq_k = q.shape[0], q.shape[2], k.shape[2]
+    for name, t, seq in (("key_start", ranges.key_start, seq_q), ("key_end", ranges.key_end, seq_q),
+                         ("query_start", ranges.query_start, seq_k),
+                         ("query_end", ranges.query_end, seq_k)):
+        if (t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != seq
+                or t.device != q.device):
+            raise ValueError(f"ranges.{name} must be [{batch} or 1, {seq}] on {q.device} for q "
+                             f"{list(q.shape)} and k {list(k.shape)}, got {list(t.shape)} on "
+                             f"{t.device}")
+    return ranges
 
 
 def _kernels(q: torch.Tensor) -> bool:
@@ -106,42 +135,65 @@ def _grouped(x: torch.Tensor, n_kv_heads: int, acc: torch.dtype) -> torch.Tensor
     return x.to(acc).reshape(b, n_kv_heads, (h // n_kv_heads) * s, d)
 
 
-def _scores(q, k, causal, q_offset, k_offset, scale, acc):
-    """Scaled scores [B, Hkv, G·Sq, Sk] in acc, -inf where masked."""
-    n_kv_heads = k.shape[1]
+# Query rows per window of the torch path: each window's scores cover only the keys its rows
+# see, so masked work is skipped about as the kernels' tiles skip it.
+_ROWS = 256
+
+
+def _windows(ranges: KeyRanges, seq_q: int) -> list[tuple[slice, slice]]:
+    """(query rows, keys) of each window of _ROWS rows that sees any key: the union of its
+    rows' ranges over the batch."""
+    nonempty = ranges.key_end > ranges.key_start
+    first = torch.where(nonempty, ranges.key_start, torch.iinfo(torch.int32).max).amin(0)
+    last = torch.where(nonempty, ranges.key_end, 0).amax(0)
+    pad = -seq_q % _ROWS
+    first = F.pad(first, (0, pad), value=torch.iinfo(torch.int32).max).view(-1, _ROWS).amin(1)
+    last = F.pad(last, (0, pad), value=0).view(-1, _ROWS).amax(1)
+    return [(slice(i * _ROWS, (i + 1) * _ROWS), slice(a, b))
+            for i, (a, b) in enumerate(zip(first.tolist(), last.tolist())) if b > a]
+
+
+def _scores(q, k, hidden, scale, acc):
+    """Scaled scores [B, Hkv, G·Sq, Sk] in acc, -inf where ``hidden`` [B or 1, Sq, Sk]."""
+    n_kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
     s = scale * (_grouped(q, n_kv_heads, acc) @ k.to(acc).transpose(-1, -2))
-    if causal:
-        q_pos = q_offset + torch.arange(q.shape[2], device=q.device)
-        k_pos = k_offset + torch.arange(k.shape[2], device=q.device)
-        masked = (k_pos[None, :] > q_pos[:, None]).repeat(q.shape[1] // n_kv_heads, 1)
-        s = s.masked_fill(masked, float("-inf"))
-    return s
+    return s.masked_fill(hidden.repeat(1, group, 1).unsqueeze(1), float("-inf"))
 
 
-def _forward_torch(q, k, v, causal, q_offset, k_offset, scale):
+def _forward_torch(q, k, v, ranges, scale):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = _scores(q, k, causal, q_offset, k_offset, scale, acc)
-    lse = torch.logsumexp(s, dim=-1)
-    # A row with no visible key shifts by 0, so its probabilities are exp(-inf) = 0, not NaN.
-    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse).unsqueeze(-1))
-    out = p @ v.to(acc)
-    return out.view(q.shape[0], q.shape[1], q.shape[2], -1), lse.view(q.shape[:3])
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    for rows, keys in _windows(ranges, q.shape[2]):
+        q_w = q[:, :, rows]
+        s = _scores(q_w, k[:, :, keys], ~ranges.visible(rows, keys), scale, acc)
+        lse_w = torch.logsumexp(s, dim=-1)
+        # A row with no visible key shifts by 0, so its probabilities are exp(-inf) = 0, not NaN.
+        p = torch.exp(s - torch.where(lse_w == float("-inf"), 0.0, lse_w).unsqueeze(-1))
+        out[:, :, rows] = (p @ v[:, :, keys].to(acc)).view(q_w.shape)
+        lse[:, :, rows] = lse_w.view(q_w.shape[:3])
+    return out, lse
 
 
-def _backward_torch(q, k, v, out, dout, lse, causal, q_offset, k_offset, scale):
+def _backward_torch(q, k, v, out, dout, lse, ranges, scale):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_kv_heads = k.shape[1]
-    s = _scores(q, k, causal, q_offset, k_offset, scale, acc)
-    lse = _grouped(lse.unsqueeze(-1), n_kv_heads, acc)  # [B, Hkv, G·Sq, 1]
-    # lse = -inf (no visible key anywhere) becomes +inf, so that row's P is exp(-inf) = 0.
-    p = torch.exp(s - torch.where(lse == float("-inf"), float("inf"), lse))
-    dout_g = _grouped(dout, n_kv_heads, acc)
-    delta = (dout_g * _grouped(out, n_kv_heads, acc)).sum(-1, keepdim=True)
-    ds = p * (dout_g @ v.to(acc).transpose(-1, -2) - delta)
-    dq = scale * (ds @ k.to(acc))
-    dk = scale * (ds.transpose(-1, -2) @ _grouped(q, n_kv_heads, acc))
-    dv = p.transpose(-1, -2) @ dout_g
-    return dq.view(q.shape[0], q.shape[1], q.shape[2], -1), dk, dv
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(k.shape, dtype=acc, device=q.device)
+    for rows, keys in _windows(ranges, q.shape[2]):
+        q_w, k_w, v_w = q[:, :, rows], k[:, :, keys].to(acc), v[:, :, keys].to(acc)
+        s = _scores(q_w, k_w, ~ranges.visible(rows, keys), scale, acc)
+        lse_w = _grouped(lse[:, :, rows].unsqueeze(-1), n_kv_heads, acc)  # [B, Hkv, G·Sq, 1]
+        # lse = -inf (no visible key anywhere) becomes +inf, so that row's P is exp(-inf) = 0.
+        p = torch.exp(s - torch.where(lse_w == float("-inf"), float("inf"), lse_w))
+        dout_g = _grouped(dout[:, :, rows], n_kv_heads, acc)
+        delta = (dout_g * _grouped(out[:, :, rows], n_kv_heads, acc)).sum(-1, keepdim=True)
+        ds = p * (dout_g @ v_w.transpose(-1, -2) - delta)
+        dq[:, :, rows] = (scale * (ds @ k_w)).view(q_w.shape)
+        dk[:, :, keys] += scale * (ds.transpose(-1, -2) @ _grouped(q_w, n_kv_heads, acc))
+        dv[:, :, keys] += p.transpose(-1, -2) @ dout_g
+    return dq, dk, dv
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def install_region(module: nn.Module, *, tp_group: dist.ProcessGroup | None, seq
             raise ValueError(f"{type(mod).__name__} is a sequence-parallel region, but its column "
                              f"layers take inputs of different widths {sorted(widths)}: they "
                              "must all read the region's input")
-        first._check_input(x, first.in_features, "the full input features", split_sequence=True)
+        first._check_input(x, first.in_features, "the full input features")
         dim = mappings.sequence_dim_of(type(mod).__name__, x.shape, sequence_dim)
         front = x.movedim(dim, 0).contiguous()  # the gather (and the ring) split the leading dim
         y, full = overlap.all_gather_matmul_and_input(

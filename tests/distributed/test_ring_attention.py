@@ -10,7 +10,8 @@ from parallelkit import mpu
 from parallelkit.context_parallel import (ContextParallelAttention, context_parallel_positions,
                                           gather_from_context_parallel, split_for_context_parallel)
 from parallelkit.ops import ring_transport
-from parallelkit.ops.ring_attention import ring_blocks
+from parallelkit.distributed.packed_layout import PackedLayout
+from parallelkit.ops.ring_attention import ring_step_masks
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tolerances import assert_close
 
@@ -73,13 +74,25 @@ def test_ulysses_equals_full_attention_fp64(cp, kv_heads, layout):
                  "ulysses")
 
 
-def test_zigzag_balances_causal_work():
-    """Per rank, the causal work (visible query-key pairs) of all ring steps, in quarter blocks."""
+def causal_pairs(cu_seqlens, cp, layout, rank):
+    """The visible (query, key) pairs rank ``rank`` computes over all its ring steps."""
+    masks = ring_step_masks(PackedLayout.build(cu_seqlens, cp, layout), rank, True)
+    return sum(int((m.key_end - m.key_start).clamp(min=0).sum()) for m in masks if m is not None)
+
+
+@pytest.mark.parametrize("cu_seqlens", [[0, 64], [0, 16, 32, 96, 112, 128]],
+                         ids=["one sequence", "packed"])
+def test_zigzag_balances_causal_work(cu_seqlens):
+    n = cu_seqlens[-1]
     for cp in (2, 4, 8):
-        work = {layout: [sum(len(ring_blocks(layout, True, r, j, cp, 1)) for j in range(cp))
-                         for r in range(cp)] for layout in ("zigzag", "contiguous")}
-        assert len(set(work["zigzag"])) == 1  # every rank computes the same number of blocks
-        assert work["contiguous"] == list(range(1, cp + 1))  # rank r: r + 1 blocks
+        if any((b - a) % (2 * cp) for a, b in zip(cu_seqlens, cu_seqlens[1:])):
+            continue
+        total = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu_seqlens, cu_seqlens[1:]))
+        zigzag = [causal_pairs(cu_seqlens, cp, "zigzag", r) for r in range(cp)]
+        contiguous = [causal_pairs(cu_seqlens, cp, "contiguous", r) for r in range(cp)]
+        assert sum(zigzag) == sum(contiguous) == total  # every pair once, none invented
+        assert len(set(zigzag)) == 1, zigzag  # every rank the same work
+        assert contiguous == sorted(contiguous) and contiguous[0] < contiguous[-1], (n, cp)
 
 
 def test_layout_helpers_round_trip():

@@ -10,6 +10,7 @@ import parallelkit.kernels.flash_attention as flash
 from parallelkit.kernels._launch import ATTENTION_TILES
 from parallelkit.ops import merge_attention_partials_
 from parallelkit.ops.attention_block import attention_block_backward, attention_block_forward
+from parallelkit.ops.attention_mask import offset_ranges
 from parallelkit.reference.attention import attention_block_reference
 from parallelkit.testing.tolerances import tolerance
 
@@ -45,6 +46,11 @@ def make_qkv(b, h, h_kv, s_q, s_k, d, dtype, device="cpu", seed=0):
     return tuple(t.to(device, dtype) for t in (q, k, v))
 
 
+def kernel_ranges(q, k, ranges=None, causal=False, q_offset=0, k_offset=0):
+    """The launchers' mask: the given KeyRanges, or the causal/offset block's."""
+    return ranges or offset_ranges(q.shape[2], k.shape[2], causal, q_offset, k_offset)
+
+
 def forward(impl, q, k, v, monkeypatch, block=None, **mask):
     """(out, lse) of one block. Kernel: through the launcher into NaN-poisoned buffers, with
     block x block tiles so small shapes still span several tiles."""
@@ -53,8 +59,9 @@ def forward(impl, q, k, v, monkeypatch, block=None, **mask):
         return attention_block_forward(q, k, v, **mask)
     out = torch.full(q.shape, float("nan"), device=q.device)
     lse = torch.full(q.shape[:3], float("nan"), device=q.device)
-    result = flash.flash_attention_block_forward(q, k, v, **mask, out=out, lse=lse,
-                                                 block_m=block, block_n=block)
+    ranges = kernel_ranges(q, k, **mask)
+    result = flash.flash_attention_block_forward(q, k, v, ranges.key_start, ranges.key_end,
+                                                 out=out, lse=lse, block_m=block, block_n=block)
     assert result[0] is out and result[1] is lse
     return out, lse
 
@@ -65,8 +72,10 @@ def backward(impl, q, k, v, out, dout, lse, monkeypatch, block=None, **mask):
         return attention_block_backward(q, k, v, out, dout, lse, **mask)
     dq = torch.full(q.shape, float("nan"), device=q.device)
     dk, dv = (torch.full(k.shape, float("nan"), device=q.device) for _ in range(2))
-    return flash.flash_attention_block_backward(q, k, v, out, dout, lse, **mask, dq=dq, dk=dk,
-                                                dv=dv, block_m=block, block_n=block)
+    r = kernel_ranges(q, k, **mask)
+    return flash.flash_attention_block_backward(
+        q, k, v, out, dout, lse, r.key_start, r.key_end, r.query_start, r.query_end, dq=dq,
+        dk=dk, dv=dv, block_m=block, block_n=block)
 
 
 def acc_dtype(dtype):
@@ -252,7 +261,9 @@ def test_kernel_limits_are_explained(monkeypatch):
         attention_block_forward(q, q, q, causal=False)
     q = torch.zeros(1, 1, 4, 16)
     with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[1, 1, 4, 16\]"):
-        flash.flash_attention_block_forward(q, q, q, causal=False, out=torch.zeros(1, 1, 4, 8))
+        ranges = offset_ranges(4, 4, False)
+        flash.flash_attention_block_forward(q, q, q, ranges.key_start, ranges.key_end,
+                                            out=torch.zeros(1, 1, 4, 8))
 
 
 @pytest.fixture

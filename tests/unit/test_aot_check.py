@@ -30,12 +30,14 @@ from parallelkit.aot_check.__main__ import main
 def float32_attention_in_64x64_tiles():  # the 16-bit tiles: ptxas spills kilobytes per thread
     from parallelkit.kernels.flash_attention import flash_attention_block_forward
     q = torch.empty(1, 8, 4096, 128, device="cuda")
-    flash_attention_block_forward(q, q, q, causal=True, block_m=64, block_n=64)
+    ranges = torch.zeros(1, 4096, dtype=torch.int32, device="cuda")
+    flash_attention_block_forward(q, q, q, ranges, ranges, block_m=64, block_n=64)
 
 def head_dim_over_the_maximum():  # the launcher refuses: the case fails, it is not skipped
     from parallelkit.kernels.flash_attention import flash_attention_block_forward
     q = torch.empty(1, 1, 16, 256, device="cuda")
-    flash_attention_block_forward(q, q, q, causal=False)
+    ranges = torch.zeros(1, 16, dtype=torch.int32, device="cuda")
+    flash_attention_block_forward(q, q, q, ranges, ranges)
 
 sys.exit(main(["--jobs", "1"], cases=[Case("fp32-64x64", float32_attention_in_64x64_tiles),
                                       Case("d256", head_dim_over_the_maximum)]))

@@ -1,4 +1,5 @@
-"""The MPU on 8 gloo ranks: groups, membership proven by collectives, getters, mesh, re-init."""
+"""The MPU on 8 gloo ranks: dense and expert groups, membership proven by collectives, getters,
+mesh, re-init."""
 
 import pytest
 import torch
@@ -6,25 +7,31 @@ import torch.distributed as dist
 
 from parallelkit import mpu
 from parallelkit.distributed import comm
-from parallelkit.distributed.rank_groups import GROUP_KINDS, rank_groups
+from parallelkit.distributed.rank_groups import EXPERT_GROUP_KINDS, GROUP_KINDS, rank_groups
 from parallelkit.testing import run_on_ranks
 
-LAYOUTS = [  # (tp, pp, cp, order) on 8 ranks
-    (2, 2, 2, "tp-cp-dp-pp"),
-    (2, 1, 2, "tp-cp-dp-pp"),
-    (2, 2, 1, "tp-pp-dp-cp"),
-    (1, 4, 1, "pp-dp-tp-cp"),
+ALL_KINDS = GROUP_KINDS + EXPERT_GROUP_KINDS
+LAYOUTS = [  # (tp, pp, cp, order, ep, etp) on 8 ranks
+    (2, 2, 2, "tp-cp-dp-pp", 1, None),
+    (2, 1, 2, "tp-cp-dp-pp", 1, None),
+    (2, 2, 1, "tp-pp-dp-cp", 1, None),
+    (1, 4, 1, "pp-dp-tp-cp", 1, None),
+    (2, 1, 1, "tp-cp-ep-dp-pp", 2, None),   # expert dp 2
+    (2, 2, 2, "tp-cp-ep-dp-pp", 2, None),   # cp in the dense layout, ep in the expert one
+    (2, 1, 1, "tp-ep-cp-dp-pp", 4, 1),      # etp != tp: expert_tp is new, ep spans 4
+    (2, 2, 1, "ep-tp-pp-dp", 2, 1),         # pp not last: expert dp = dense dp = 2
 ]
 
 
-def _check_groups(tp, pp, cp, order):
-    state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order)
+def _check_groups(tp, pp, cp, order, ep, etp):
+    state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order, ep=ep, etp=etp)
     rank = dist.get_rank()
-    expected = rank_groups(8, tp=tp, pp=pp, cp=cp, order=order)
+    expected = rank_groups(8, tp=tp, pp=pp, cp=cp, order=order, ep=ep, etp=etp)
+    assert set(expected) == set(ALL_KINDS)
     described = {line.split()[0]: line for line in mpu.describe().splitlines()
-                 if line.strip() and line.split()[0] in GROUP_KINDS}
+                 if line.strip() and line.split()[0] in ALL_KINDS}
     mine = {}
-    for kind in GROUP_KINDS:
+    for kind in ALL_KINDS:
         owners = [g for g in expected[kind] if rank in g]
         if kind == "embedding" and not owners:  # a middle pipeline stage
             assert not mpu.is_in_embedding_group()
@@ -54,13 +61,26 @@ def _check_groups(tp, pp, cp, order):
     assert (mpu.get_cp_rank(), mpu.get_cp_world_size()) == (mine["cp"].index(rank), cp)
     assert (mpu.get_dp_rank(), mpu.get_dp_world_size()) == (mine["dp"].index(rank), 8 // (tp * pp * cp))
     assert mpu.get_dp_group(with_context_parallel=True) is state.dp_cp.group
+    etp = tp if etp is None else etp
+    for kind, size in [("ep", ep), ("expert_tp", etp), ("expert_dp", 8 // (etp * ep * pp))]:
+        getters = (getattr(mpu, f"get_{kind}_group"), getattr(mpu, f"get_{kind}_rank"),
+                   getattr(mpu, f"get_{kind}_world_size"))
+        assert [g() for g in getters] == [state.info(kind).group, mine[kind].index(rank), size]
+    assert mpu.get_expert_tp_ep_group() is state.expert_tp_ep.group
+    assert mpu.get_expert_tp_ep_pp_group() is state.expert_tp_ep_pp.group
+    assert len(mine["expert_tp_ep_pp"]) == etp * ep * pp and mine["pp"] == list(state.pp.ranks)
+    # An expert group with a dense group's ranks shares its communicator (no extra new_group).
+    for kind in EXPERT_GROUP_KINDS:
+        for dense in GROUP_KINDS[:-1]:
+            if mine[kind] == mine[dense]:
+                assert state.info(kind).group is state.info(dense).group, (kind, dense)
     return mine
 
 
-@pytest.mark.parametrize("tp, pp, cp, order", LAYOUTS)
-def test_groups_on_8_ranks(tp, pp, cp, order):
-    per_rank = run_on_ranks(_check_groups, 8, tp, pp, cp, order, timeout=120)
-    for kind in GROUP_KINDS:
+@pytest.mark.parametrize("tp, pp, cp, order, ep, etp", LAYOUTS)
+def test_groups_on_8_ranks(tp, pp, cp, order, ep, etp):
+    per_rank = run_on_ranks(_check_groups, 8, tp, pp, cp, order, ep, etp, timeout=120)
+    for kind in ALL_KINDS:
         distinct = sorted({tuple(groups[kind]) for groups in per_rank} - {()})
         members = sorted(r for g in distinct for r in g)
         if kind != "embedding":
@@ -88,6 +108,14 @@ def _reinitialize_with_other_sizes():
     assert mpu.is_pipeline_first_stage(vp_stage=1) is False
     assert mpu.is_pipeline_last_stage(vp_stage=2) == (state.pp.rank == 1)
     assert mpu.is_pipeline_last_stage(vp_stage=1) is False
+    mpu.destroy()
+    # An order Megatron-core refuses for experts (cp > 1, pp > 1, pp not last) still works for
+    # dense models, without expert groups.
+    state = mpu.initialize(tp=2, pp=2, cp=2, order="tp-dp-pp-cp")
+    assert state.expert_layout is None and state.ep is None
+    with pytest.raises(ValueError, match=r"no ep group: order 'tp-dp-pp-cp' does not put pp last"):
+        mpu.get_ep_group()
+    assert "experts: none" in mpu.describe()
 
 
 def test_destroy_then_initialize_other_sizes():
@@ -101,6 +129,14 @@ def _bad_sizes_on_a_world():
         (dict(pp=1, virtual_pp=2), r"virtual_pp=2 .* > 1 only with pp > 1 \(got pp=1\)"),
         (dict(pp=2, virtual_pp=0), r"virtual_pp=0 must be None or an integer >= 1"),
         (dict(order="tp-xp-dp-pp"), r"unknown parallelism\(s\) \['xp'\]"),
+        (dict(ep=0), r"ep=0 must be an integer >= 1"),
+        (dict(tp=2, etp=0), r"etp=0 must be an integer >= 1"),
+        (dict(ep=3), r"world_size=8 is not divisible by etp\*ep\*pp = 1\*3\*1 = 3"),
+        (dict(ep=2, order="tp-cp-dp-pp"), r"leaves out \['ep'\], whose size is > 1"),
+        (dict(tp=2, pp=2, ep=2, order="tp-pp-ep-dp"), r"expert data parallel size .* = 1 must "
+                                                       r"equal the dense dp .* = 2; put pp last"),
+        (dict(tp=2, pp=2, cp=2, order="tp-dp-pp-cp", etp=2), r"does not put pp last"),
+        (dict(cp=2, pp=2, ep=2, order="cp-pp-ep-dp"), r"other pipeline groups"),
     ]:
         with pytest.raises(ValueError, match=message):
             mpu.initialize(**kwargs)
@@ -146,15 +182,18 @@ def test_different_sizes_on_different_ranks_raise_on_every_rank_instead_of_hangi
     assert results[0][1].startswith("parallelkit.mpu.initialize: rank 3 rejected its input")
 
 
-def _check_device_mesh(tp, pp, cp, order):
-    state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order)
+def _check_device_mesh(tp, pp, cp, order, ep, etp):
+    state = mpu.initialize(tp=tp, pp=pp, cp=cp, order=order, ep=ep, etp=etp)
     mesh = mpu.device_mesh()
     assert mesh.mesh_dim_names == ("pp", "dp", "cp", "tp")
     assert mesh.device_type == "cpu"
-    for dim in mesh.mesh_dim_names:
-        info = state.info(dim)
-        assert dist.get_process_group_ranks(mesh.get_group(dim)) == list(info.ranks), dim
-        assert mesh.get_local_rank(dim) == info.rank, dim
+    experts = mpu.device_mesh(expert=True)
+    assert experts.mesh_dim_names == ("pp", "expert_dp", "ep", "expert_tp")
+    for m in (mesh, experts):
+        for dim in m.mesh_dim_names:
+            info = state.info(dim)
+            assert dist.get_process_group_ranks(m.get_group(dim)) == list(info.ranks), dim
+            assert m.get_local_rank(dim) == info.rank, dim
     # DTensor on the tp dimension shards and gathers over the MPU's tp group.
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -164,9 +203,9 @@ def _check_device_mesh(tp, pp, cp, order):
     assert torch.equal(sharded.full_tensor(), full)
 
 
-@pytest.mark.parametrize("tp, pp, cp, order", LAYOUTS[:3])
-def test_device_mesh_uses_the_mpu_groups(tp, pp, cp, order):
-    run_on_ranks(_check_device_mesh, 8, tp, pp, cp, order, timeout=120)
+@pytest.mark.parametrize("tp, pp, cp, order, ep, etp", LAYOUTS[:3] + LAYOUTS[-2:])
+def test_device_mesh_uses_the_mpu_groups(tp, pp, cp, order, ep, etp):
+    run_on_ranks(_check_device_mesh, 8, tp, pp, cp, order, ep, etp, timeout=120)
 
 
 def test_getters_before_initialize_raise():

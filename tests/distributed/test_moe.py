@@ -1,0 +1,160 @@
+"""Expert parallelism: the MoE layer on ep 2 and 4 ranks (with tp = 2, etp 1 and 2, and
+pipeline stages) against the same MoE in one process with every expert local, in float64:
+output, input gradient and every parameter's gradient; routing, capacity dropping and the
+load-balancing loss against their plain references; the bad inputs."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallelkit import mpu
+from parallelkit.distributed import comm
+from parallelkit.moe import MoELayer, route
+from parallelkit.moe.experts import ExpertParallelExperts
+from parallelkit.reference.moe import (experts_reference, load_balancing_reference,
+                                       route_reference)
+from parallelkit.testing import run_on_ranks
+from parallelkit.testing.tolerances import assert_close
+
+E, H, I = 8, 16, 8
+
+
+def dense_weights():
+    g = torch.Generator().manual_seed(0)
+    return {"router": torch.randn(E, H, generator=g, dtype=torch.float64),
+            "gate_up": torch.randn(E, 2 * I, H, generator=g, dtype=torch.float64) / 4,
+            "down": torch.randn(E, H, I, generator=g, dtype=torch.float64) / 3}
+
+
+def tokens_of(rank, n=None):
+    """Rank ``rank``'s tokens and output gradient; ranks hold different numbers of tokens."""
+    g = torch.Generator().manual_seed(100 + rank)
+    n = n or 10 + 3 * rank
+    return (torch.randn(n, H, generator=g, dtype=torch.float64),
+            torch.randn(n, H, generator=g, dtype=torch.float64))
+
+
+def reference(ranks, top_k, capacity_factor, score, weights):
+    """The outputs and input gradients of ``ranks``' tokens and the gradients of the weights
+    over all of them, computed in this process."""
+    params = {k: v.clone().requires_grad_() for k, v in weights.items()}
+    outs, xs = {}, {}
+    for r in ranks:
+        x, dout = tokens_of(r)
+        x = x.requires_grad_()
+        index, weight, _ = route_reference(x @ params["router"].t(), top_k, score,
+                                           capacity_factor=capacity_factor)
+        out = experts_reference(x, index, weight, params["gate_up"], params["down"])
+        (out * dout).sum().backward()
+        outs[r], xs[r] = out.detach(), x.grad
+    return outs, xs, {k: v.grad for k, v in params.items()}
+
+
+def _ep_layer(tp, pp, ep, etp, top_k, capacity_factor, score="softmax"):
+    state = mpu.initialize(tp=tp, pp=pp, ep=ep, etp=etp)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    weights = dense_weights()
+    layer = MoELayer(H, I, E, top_k, score=score, capacity_factor=capacity_factor,
+                     dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.weight.copy_(weights["router"])
+    layer.experts.load_dense(weights["gate_up"], weights["down"])
+    x, dout = tokens_of(rank)
+    x.requires_grad_()
+    out = layer(x)
+    out.backward(dout)
+
+    # The MoE layer of this pipeline stage sees the tokens of the ranks of this stage.
+    stage = [r for r, p in enumerate(comm.all_gather_ints(dist.group.WORLD, state.pp.rank))
+             if p == state.pp.rank]
+    outs, xs, grads = reference(stage, top_k, capacity_factor, score, weights)
+    terms = H + I + top_k
+    assert_close(out.detach(), outs[rank], name="out", terms=terms)
+    assert_close(x.grad, xs[rank], name="x grad", terms=terms)
+    # The router is replicated: each rank's gradient is from its own tokens; summed over all.
+    router_grads = [torch.empty_like(layer.router.weight.grad) for _ in range(world)]
+    dist.all_gather(router_grads, layer.router.weight.grad)
+    assert_close(sum(router_grads[r] for r in stage), grads["router"], name="router grad",
+                 terms=terms * world)
+    # An expert sees the tokens of its EP group (and ETP group); summed over the expert-DP
+    # replicas it has seen every token: the dense gradient's slice of this rank's experts.
+    experts = layer.experts
+    mine = slice(experts.first_expert, experts.first_expert + experts.local_experts)
+    shard = I // etp
+    cols = slice(dist.get_rank(state.expert_tp.group) * shard,
+                 (dist.get_rank(state.expert_tp.group) + 1) * shard)
+    gate, up = grads["gate_up"][mine].split(I, dim=1)
+    expected = {"gate_up_proj": torch.cat([gate[:, cols], up[:, cols]], 1),
+                "down_proj": grads["down"][mine][:, :, cols]}
+    for name, want in expected.items():
+        grad = comm.all_reduce(getattr(experts, name).grad, state.expert_dp.group)
+        assert_close(grad, want, name=name, terms=terms * world)
+    return sorted(experts.calls_by_path)
+
+
+@pytest.mark.parametrize("ep,etp", [(2, 1), (2, 2), (4, 1)], ids=["ep2-etp1", "ep2-etp2",
+                                                                   "ep4-etp1"])
+@pytest.mark.parametrize("top_k", [1, 2], ids=["top1", "top2"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75], ids=["dropless", "dropping"])
+def test_expert_parallel_layer_equals_one_process(ep, etp, top_k, capacity_factor):
+    run_on_ranks(_ep_layer, 4, 2, 1, ep, etp, top_k, capacity_factor)
+
+
+def test_expert_parallel_with_pipeline_stages():
+    # tp 2 x pp 2 on 8 ranks: each stage's MoE layer exchanges tokens within its stage only.
+    run_on_ranks(_ep_layer, 8, 2, 2, 2, 1, 2, None, timeout=180)
+
+
+def test_sigmoid_router_with_bias():
+    run_on_ranks(_ep_layer, 4, 2, 1, 2, 2, 2, None, "sigmoid")
+
+
+def test_routing_and_load_balancing_against_references():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, E, generator=g, dtype=torch.float64)
+    bias = torch.randn(E, generator=g, dtype=torch.float64) / 10
+    for score, capacity_factor, normalize in [("softmax", None, True), ("softmax", 0.5, False),
+                                              ("sigmoid", 1.0, True)]:
+        routing = route(logits, 2, score, normalize, bias if score == "sigmoid" else None,
+                        capacity_factor=capacity_factor)
+        index, weight, probs = route_reference(logits, 2, score, normalize,
+                                               bias if score == "sigmoid" else None,
+                                               capacity_factor=capacity_factor)
+        assert torch.equal(routing.index, index), score
+        torch.testing.assert_close(routing.weight.double(), weight, rtol=1e-6, atol=1e-7)
+        if capacity_factor is not None:  # no expert over its capacity, and some dropped
+            kept = routing.index[routing.index < E]
+            assert torch.bincount(kept, minlength=E).max() <= int(capacity_factor * 40 * 2 / E + 1)
+            assert (routing.index == E).any()
+        layer_loss = MoELayer.load_balancing_loss(_LossOnly(), routing)
+        torch.testing.assert_close(layer_loss.double(),
+                                   load_balancing_reference(index, probs, E), rtol=1e-6,
+                                   atol=0)
+
+
+class _LossOnly:
+    """What MoELayer.load_balancing_loss reads of the layer."""
+    experts = type("Experts", (), {"n_experts": E})()
+    top_k, aux_loss_group = 2, None
+
+
+def _bad_inputs():
+    state = mpu.initialize(tp=2, ep=2)
+    with pytest.raises(ValueError, match=r"5 experts cannot be split over ep=2 ranks"):
+        ExpertParallelExperts(5, H, I)
+    with pytest.raises(ValueError, match=r"intermediate size 7 is not divisible by etp=2"):
+        ExpertParallelExperts(E, H, 7, etp_group=state.tp.group)
+    layer = MoELayer(H, I, E, 2, dtype=torch.float64)
+    x, _ = tokens_of(0)
+    if dist.get_rank() == 3:  # one rank's router logits turn NaN: every rank raises
+        x[2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"router logits are NaN or infinite on global "
+                                                 r"rank 3"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"takes tokens \[T, 16\]"):
+        layer.experts(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.long),
+                      torch.zeros(4, 2, dtype=torch.float64))
+
+
+def test_bad_inputs_are_clear_errors():
+    run_on_ranks(_bad_inputs, 4)

@@ -34,6 +34,8 @@ A plan maps module-name patterns to style instances. A style reads the conversio
                                  overlap_comm (``tensor_parallel/region.py``)
     ContextParallel()            a module called as attention(q, k, v, is_causal=...) →
                                  ContextParallelAttention
+    ExpertParallel()             transformers' experts module (3-D gate_up_proj / down_proj) →
+                                 ExpertParallelExperts over the MPU's expert groups
 
 transformers' ``Conv1D`` (GPT-2's ``x W + b``, W stored [in, out]) is accepted wherever
 nn.Linear is and converted to the Linear computing the same.
@@ -277,6 +279,27 @@ class ParallelRegion(ParallelStyle):
                            overlap_comm=conversion.options.overlap_comm,
                            chunks_per_rank=conversion.options.chunks_per_rank)
         return module
+
+
+class ExpertParallel(ParallelStyle):
+    """transformers' experts module (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I],
+    called as ``experts(tokens, top_k_index, top_k_weights)``) → :class:`ExpertParallelExperts`:
+    each rank keeps E/ep experts, each split over etp, and tokens travel to them by all-to-all.
+    With tp > 1 it needs sequence parallelism: every TP rank must route tokens of its own (the
+    same tokens routed from every TP rank would reach the experts tp times, as Megatron
+    requires)."""
+
+    needs = "ep"  # the expert tensor x model group: ep x etp
+
+    def apply(self, module, conversion):
+        from parallelkit.moe import ExpertParallelExperts
+
+        if conversion.tp > 1 and not conversion.sequence_parallel:
+            raise ValueError(f"{type(module).__name__}: mixture-of-experts layers at tp="
+                             f"{conversion.tp} need sequence parallelism (each TP rank routes "
+                             "its own tokens); convert with sequence_parallel=True (the "
+                             "default for the built-in plans)")
+        return ExpertParallelExperts.from_dense(module)
 
 
 class ContextParallel(ParallelStyle):

@@ -93,8 +93,9 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
                             family.sequence_dim if family else 1)
 
     modules = dict(model.named_modules())
+    sizes = {"tp": tp, "cp": cp, "ep": _expert_model_parallel_size(styles)}
     for name, style in styles.items():
-        if (cp if style.needs == "cp" else tp) > 1:
+        if sizes[style.needs] > 1:
             _replace(model, name, style.apply(modules[name], conversion))
     used = set(patterns.values())
     unused = [p for p in plan if p not in used]
@@ -115,6 +116,18 @@ def parallelize(model: nn.Module, plan: dict | None = None, *,
     if recompute is not None:  # last: it wraps the attention implementation CP installed
         apply_recompute(model, recompute)
     return model
+
+
+def _expert_model_parallel_size(styles: dict) -> int:
+    """ep x etp of the MPU where the plan has expert styles (1 without them)."""
+    if not any(style.needs == "ep" for style in styles.values()):
+        return 1
+    from parallelkit import mpu
+
+    if not mpu.is_initialized():
+        raise ValueError("the plan has expert-parallel styles but parallelkit.mpu is not "
+                         "initialized: call mpu.initialize(tp=..., ep=...) first")
+    return mpu.current().info("expert_tp_ep").size
 
 
 def _resolve_plan(model: nn.Module, plan: dict | None, family: Family | None) -> dict:

@@ -29,10 +29,10 @@ class Family:
 
 def family_of(model: nn.Module) -> Family | None:
     """The family whose architectures include ``model``'s class name, else None."""
-    from parallelkit.models import gemma, gpt2, gpt_neox, llama, phi3, qwen, tinylm
+    from parallelkit.models import gemma, gpt2, gpt_neox, llama, moe, phi3, qwen, tinylm
 
     name = type(model).__name__
-    for module in (llama, qwen, gemma, phi3, gpt_neox, gpt2, tinylm):
+    for module in (llama, qwen, gemma, phi3, gpt_neox, gpt2, tinylm, moe):
         for family in module.FAMILIES:
             if name in family.architectures:
                 return family

@@ -48,11 +48,14 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
-def structural_plan(model: nn.Module) -> dict:
-    """{pattern: style} for ``model`` by its structure; ValueError naming an unplaceable module."""
+def structural_plan(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict:
+    """{pattern: style} for ``model`` by its structure; ValueError naming an unplaceable module.
+    ``exclude``: modules of a decoder layer (e.g. "mlp") that the caller places itself."""
     stack, layers = decoder_layers(model)
     plan, regions = {}, set()  # regions: the modules that call column layers
     for name, module in layers[0].named_modules():
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
         leaf = name.rsplit(".", 1)[-1]
         pattern = f"{stack}.*.{name}"
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":

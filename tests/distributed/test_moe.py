@@ -16,14 +16,25 @@ from parallelkit.reference.moe import (experts_reference, load_balancing_referen
 from parallelkit.testing import run_on_ranks
 from parallelkit.testing.tolerances import assert_close
 
-E, H, I = 8, 16, 8
+E, H, I, SHARED = 8, 16, 8, 12
+AUX = 0.1  # the load-balancing loss's weight where a test turns it on
 
 
 def dense_weights():
     g = torch.Generator().manual_seed(0)
     return {"router": torch.randn(E, H, generator=g, dtype=torch.float64),
             "gate_up": torch.randn(E, 2 * I, H, generator=g, dtype=torch.float64) / 4,
-            "down": torch.randn(E, H, I, generator=g, dtype=torch.float64) / 3}
+            "down": torch.randn(E, H, I, generator=g, dtype=torch.float64) / 3,
+            "shared_gate_up": torch.randn(2 * SHARED, H, generator=g, dtype=torch.float64) / 4,
+            "shared_down": torch.randn(H, SHARED, generator=g, dtype=torch.float64) / 4,
+            "shared_gate": torch.randn(1, H, generator=g, dtype=torch.float64) / 4}
+
+
+def shared_reference(x, params):
+    """Qwen2-MoE's shared expert: sigmoid(gate · x) · down(silu(gate_proj x) · up_proj x)."""
+    gate, up = (x @ params["shared_gate_up"].t()).chunk(2, dim=-1)
+    out = (torch.nn.functional.silu(gate) * up) @ params["shared_down"].t()
+    return torch.sigmoid(x @ params["shared_gate"].t()) * out
 
 
 def tokens_of(rank, n=None):
@@ -34,32 +45,42 @@ def tokens_of(rank, n=None):
             torch.randn(n, H, generator=g, dtype=torch.float64))
 
 
-def reference(ranks, top_k, capacity_factor, score, weights):
+def reference(ranks, top_k, capacity_factor, score, weights, shared=False, aux=0.0):
     """The outputs and input gradients of ``ranks``' tokens and the gradients of the weights
-    over all of them, computed in this process."""
+    over all of them, computed in this process; each rank's load-balancing loss (over its own
+    tokens) joins the loss with weight ``aux``."""
     params = {k: v.clone().requires_grad_() for k, v in weights.items()}
     outs, xs = {}, {}
     for r in ranks:
         x, dout = tokens_of(r)
         x = x.requires_grad_()
-        index, weight, _ = route_reference(x @ params["router"].t(), top_k, score,
-                                           capacity_factor=capacity_factor)
+        index, weight, probs = route_reference(x @ params["router"].t(), top_k, score,
+                                               capacity_factor=capacity_factor)
         out = experts_reference(x, index, weight, params["gate_up"], params["down"])
-        (out * dout).sum().backward()
+        if shared:
+            out = out + shared_reference(x, params)
+        loss = (out * dout).sum() + aux * load_balancing_reference(index, probs, E)
+        loss.backward()
         outs[r], xs[r] = out.detach(), x.grad
     return outs, xs, {k: v.grad for k, v in params.items()}
 
 
-def _ep_layer(tp, pp, ep, etp, top_k, capacity_factor, score="softmax"):
+def _ep_layer(tp, pp, ep, etp, top_k, capacity_factor, score="softmax", shared=False,
+              aux=0.0, dtype=torch.float64):
     state = mpu.initialize(tp=tp, pp=pp, ep=ep, etp=etp)
     world, rank = dist.get_world_size(), dist.get_rank()
     weights = dense_weights()
     layer = MoELayer(H, I, E, top_k, score=score, capacity_factor=capacity_factor,
-                     dtype=torch.float64)
+                     aux_loss_coeff=aux, shared_intermediate=SHARED if shared else None,
+                     shared_gate=shared, dtype=dtype)
     with torch.no_grad():
         layer.router.weight.copy_(weights["router"])
+        if shared:
+            layer.shared["gate_up"].weight.copy_(weights["shared_gate_up"])
+            layer.shared["down"].weight.copy_(weights["shared_down"])
+            layer.shared["gate"].weight.copy_(weights["shared_gate"])
     layer.experts.load_dense(weights["gate_up"], weights["down"])
-    x, dout = tokens_of(rank)
+    x, dout = (t.to(dtype) for t in tokens_of(rank))
     x.requires_grad_()
     out = layer(x)
     out.backward(dout)
@@ -67,15 +88,20 @@ def _ep_layer(tp, pp, ep, etp, top_k, capacity_factor, score="softmax"):
     # The MoE layer of this pipeline stage sees the tokens of the ranks of this stage.
     stage = [r for r, p in enumerate(comm.all_gather_ints(dist.group.WORLD, state.pp.rank))
              if p == state.pp.rank]
-    outs, xs, grads = reference(stage, top_k, capacity_factor, score, weights)
-    terms = H + I + top_k
+    outs, xs, grads = reference(stage, top_k, capacity_factor, score, weights, shared, aux)
+    terms = H + I + SHARED + top_k
     assert_close(out.detach(), outs[rank], name="out", terms=terms)
     assert_close(x.grad, xs[rank], name="x grad", terms=terms)
-    # The router is replicated: each rank's gradient is from its own tokens; summed over all.
-    router_grads = [torch.empty_like(layer.router.weight.grad) for _ in range(world)]
-    dist.all_gather(router_grads, layer.router.weight.grad)
-    assert_close(sum(router_grads[r] for r in stage), grads["router"], name="router grad",
-                 terms=terms * world)
+    # The router and the shared expert are replicated: each rank's gradient is from its own
+    # tokens; summed over the stage's ranks they are the whole gradient.
+    replicated = {"router": layer.router.weight}
+    if shared:
+        replicated.update({f"shared_{k}": layer.shared[k].weight for k in layer.shared})
+    for name, param in replicated.items():
+        every = [torch.empty_like(param.grad) for _ in range(world)]
+        dist.all_gather(every, param.grad)
+        assert_close(sum(every[r] for r in stage), grads[name], name=f"{name} grad",
+                     terms=terms * world)
     # An expert sees the tokens of its EP group (and ETP group); summed over the expert-DP
     # replicas it has seen every token: the dense gradient's slice of this rank's experts.
     experts = layer.experts
@@ -107,6 +133,17 @@ def test_expert_parallel_with_pipeline_stages():
 
 def test_sigmoid_router_with_bias():
     run_on_ranks(_ep_layer, 4, 2, 1, 2, 2, 2, None, "sigmoid")
+
+
+def test_shared_expert_and_load_balancing_loss_in_the_gradients():
+    run_on_ranks(_ep_layer, 4, 2, 1, 2, 2, 2, 1.0, "softmax", True, AUX)
+
+
+def test_float32_takes_the_grouped_gemm():
+    # torch._grouped_mm on CPU for float32; float64 (above) takes the expert loop.
+    paths = run_on_ranks(_ep_layer, 4, 2, 1, 2, 1, 2, None, "softmax", False, 0.0,
+                         torch.float32)
+    assert all(p == ["grouped_gemm"] for p in paths), paths
 
 
 def test_routing_and_load_balancing_against_references():

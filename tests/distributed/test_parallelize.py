@@ -221,12 +221,19 @@ def test_a_hand_written_plan_matches_dense(cp):
     assert OPTIONS["defaults"][1] <= paths
 
 
+def structural_only(model):
+    """The structural plan alone: it leaves Mixtral's MoE block (router, 3-D experts) unplaced
+    (its family plan makes the experts expert-parallel: tests/distributed/test_moe_models.py)."""
+    from parallelkit.models.decoder import structural_plan
+
+    return structural_plan(model)
+
+
 def moe_plan(model):
     """The structural plan, with the experts block marked as acting on each token alone."""
-    from parallelkit.models.decoder import structural_plan
     from parallelkit.parallel_styles import Replicated
 
-    return {**structural_plan(model), "model.layers.*.mlp": Replicated()}
+    return {**structural_only(model), "model.layers.*.mlp": Replicated()}
 
 
 def _mixture_of_experts_guards():
@@ -235,19 +242,21 @@ def _mixture_of_experts_guards():
     # The experts block has no style: under SP its gradients would be partial over TP.
     with pytest.warns(UserWarning, match=r"sequence parallelism is off, because the plan places "
                                          r"no style on model.layers.0.mlp.gate.weight"):
-        model = parallelize(build())
+        model = build()
+        model = parallelize(model, plan=structural_only(model))
     assert not model.model.layers[0].self_attn.q_proj.sequence_parallel
     with pytest.raises(ValueError, match=r"sequence_parallel=True, but the plan for "
                                          r"MixtralForCausalLM places no style on "
                                          r"model.layers.0.mlp.gate.weight, "):
-        parallelize(build(), sequence_parallel=True)
+        model = build()
+        parallelize(model, plan=structural_only(model), sequence_parallel=True)
 
 
 def test_a_mixture_of_experts_is_never_partial():
-    """Mixtral: without a style for its experts sequence parallelism stays off (and matches the
-    dense model); with Replicated() on them it is on and matches too."""
+    """Mixtral under a plan without a style for its experts: sequence parallelism stays off (and
+    matches the dense model); with Replicated() on them it is on and matches too."""
     run_on_ranks(_mixture_of_experts_guards, 4, timeout=120)
-    run_on_ranks(_parity, 4, "mixtral", 2, 1, {}, timeout=180)
+    run_on_ranks(_parity, 4, "mixtral", 2, 1, {"plan": structural_only}, timeout=180)
     _, paths = run_on_ranks(_parity, 4, "mixtral", 2, 2, {"plan": moe_plan}, timeout=180)[0]
     assert OPTIONS["defaults"][1] <= paths
 

@@ -33,8 +33,9 @@ class ExpertParallelExperts(nn.Module):
         n_experts: E, divisible by the EP size; hidden: H; intermediate: I, divisible by etp.
         ep_group, etp_group: default the MPU's expert-parallel and expert-tensor groups.
         activation: "silu" (Mixtral, Qwen-MoE), "gelu" or "gelu_tanh".
-        grouped_gemm: None: ``torch._grouped_mm`` where it runs (see :func:`grouped_gemm_ok`);
-            False: the loop.
+        grouped_gemm: None: ``torch._grouped_mm`` on CUDA where it runs (see
+            :func:`grouped_gemm_ok`), the loop on CPU, where torch's grouped GEMM measured
+            slower (benchmarks/bench_moe.py); True: grouped wherever it runs; False: the loop.
     """
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, *,
@@ -120,7 +121,7 @@ class ExpertParallelExperts(nn.Module):
         return torch.cat(outputs) if outputs else rows.new_zeros((0, self.hidden))
 
     def _use_grouped_gemm(self, rows: torch.Tensor) -> bool:
-        if self.grouped_gemm is False:
+        if self.grouped_gemm is False or (self.grouped_gemm is None and not rows.is_cuda):
             return False
         return grouped_gemm_ok(rows, self.gate_up_proj, self.down_proj)
 

@@ -80,6 +80,7 @@ def _ep_layer(tp, pp, ep, etp, top_k, capacity_factor, score="softmax", shared=F
             layer.shared["down"].weight.copy_(weights["shared_down"])
             layer.shared["gate"].weight.copy_(weights["shared_gate"])
     layer.experts.load_dense(weights["gate_up"], weights["down"])
+    layer.experts.grouped_gemm = True  # where it runs: float32 (float64 takes the loop)
     x, dout = (t.to(dtype) for t in tokens_of(rank))
     x.requires_grad_()
     out = layer(x)
@@ -140,7 +141,8 @@ def test_shared_expert_and_load_balancing_loss_in_the_gradients():
 
 
 def test_float32_takes_the_grouped_gemm():
-    # torch._grouped_mm on CPU for float32; float64 (above) takes the expert loop.
+    # torch._grouped_mm on CPU for float32 (asked for: by default CPU takes the loop); float64
+    # (above) takes the expert loop.
     paths = run_on_ranks(_ep_layer, 4, 2, 1, 2, 1, 2, None, "softmax", False, 0.0,
                          torch.float32)
     assert all(p == ["grouped_gemm"] for p in paths), paths

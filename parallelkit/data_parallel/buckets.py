@@ -12,7 +12,8 @@ it, so the updated parameter shards are all-gathered straight into the parameter
 
 Buckets are planned in reverse parameter order: autograd produces gradients roughly from the last
 layer to the first, so the first bucket is complete early in backward and its collective overlaps
-the rest of it.
+the rest of it. Expert-parallel parameters (:func:`is_expert_parallel`) never share a bucket with
+dense ones: their replicas are another group (expert DP), so their bucket's ``group`` is.
 
 Every rank of the group must build the same buckets, or a collective receives a size it did not
 expect and the backend aborts the process. :func:`check_replicas_agree` proves they do (one
@@ -40,12 +41,19 @@ BUCKET_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, to
                  torch.complex128)
 
 
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """Whether ``param`` is one rank's share of the experts (``param.expert_parallel``, set by
+    :class:`~parallelkit.moe.experts.ExpertParallelExperts`): replicated over the expert-DP
+    group, not the dense DP group, and distinct across the expert tp x ep x pp group."""
+    return getattr(param, "expert_parallel", False)
+
+
 def plan_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
     """Group ``params`` (model order) into buckets, last parameter first.
 
-    A bucket closes once it holds ``bucket_bytes`` or more, or when the dtype or device changes
-    (one flat buffer has one of each), so a bucket exceeds ``bucket_bytes`` by at most its last
-    parameter.
+    A bucket closes once it holds ``bucket_bytes`` or more, or when the dtype, the device or
+    :func:`is_expert_parallel` changes (one flat buffer has one of each, and one group), so a
+    bucket exceeds ``bucket_bytes`` by at most its last parameter.
     """
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes={bucket_bytes!r} must be a positive integer number of "
@@ -55,7 +63,8 @@ def plan_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.
     size = 0
     for param in reversed(params):
         if current and (size >= bucket_bytes or param.dtype != current[0].dtype
-                        or param.device != current[0].device):
+                        or param.device != current[0].device
+                        or is_expert_parallel(param) != is_expert_parallel(current[0])):
             buckets.append(current)
             current, size = [], 0
         current.append(param)
@@ -70,8 +79,10 @@ class Bucket:
     """One flat gradient buffer and the parameters whose gradients are views into it.
 
     ``grad_data``: ``[numel]``, ``numel`` = the parameters' total rounded up to a multiple of
-    ``shards`` (the DP group size with the distributed optimizer, else 1), so it splits into equal
-    shards; the padding stays zero. ``offsets[i]`` is where ``params[i]`` starts.
+    ``shards`` (the size of ``group`` with the distributed optimizer, else 1), so it splits into
+    equal shards; the padding stays zero. ``offsets[i]`` is where ``params[i]`` starts.
+    ``group``: the replicas the bucket is reduced (and, with ZeRO, sharded and gathered) over: the
+    dense DP (x CP) group, or the expert-DP group for expert-parallel parameters.
     """
 
     index: int
@@ -82,6 +93,7 @@ class Bucket:
     param_dtype: torch.dtype | None = None  # the parameters' dtype when built; default grad_data's
     param_data: torch.Tensor | None = None  # [numel], only with the distributed optimizer
     grad_shard: torch.Tensor | None = None  # [numel/shards], the reduce-scatter output
+    group: dist.ProcessGroup | None = None
     # Per synchronisation round: parameters whose last gradient arrived, and the collective.
     ready: set[int] = field(default_factory=set)
     handle: comm.Handle | None = None
@@ -93,7 +105,8 @@ class Bucket:
 
     @classmethod
     def create(cls, index: int, params: list[nn.Parameter], shards: int = 1,
-               own_params: bool = False, grad_dtype: torch.dtype | None = None) -> "Bucket":
+               own_params: bool = False, grad_dtype: torch.dtype | None = None,
+               group: dist.ProcessGroup | None = None) -> "Bucket":
         """Allocate the buffers (the gradients in ``grad_dtype``, default the parameters') and
         point every gradient (and ``param.data`` when ``own_params``) at its slice."""
         offsets, total = [], 0
@@ -103,7 +116,8 @@ class Bucket:
         numel = -(-total // shards) * shards
         like = params[0]
         grad_data = torch.zeros(numel, dtype=grad_dtype or like.dtype, device=like.device)
-        bucket = cls(index, params, offsets, grad_data, shards, param_dtype=like.dtype)
+        bucket = cls(index, params, offsets, grad_data, shards, param_dtype=like.dtype,
+                     group=group)
         if own_params:
             bucket.param_data = torch.zeros(numel, dtype=like.dtype, device=like.device)
             bucket.grad_shard = grad_data.new_zeros(numel // shards)

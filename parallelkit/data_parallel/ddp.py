@@ -21,8 +21,8 @@ Unused parameters, as torch DDP with ``find_unused_parameters=True`` (or ``stati
 them: a parameter that got no gradient on this rank contributes zeros, so one used on some ranks
 gets the average over all of them; one that got no gradient on any rank is left with
 ``.grad = None`` (an optimizer then skips it: no weight decay, no moment update). Knowing "on any
-rank" costs one tiny all-reduce (MAX) of a per-parameter used-mask per step, in
-``finish_grad_sync``.
+rank" costs one tiny all-reduce (MAX) of a per-parameter used-mask per step and group (expert
+parameters: "on any rank of the expert-DP group"), in ``finish_grad_sync``.
 
 Wrapping checks that every rank of the group holds the same model (names, shapes, dtypes, order)
 with one all-gather of a fixed-size digest, and raises a ValueError naming the first difference on
@@ -33,6 +33,14 @@ so replicas start identical even if they were initialised with different seeds.
 Averaging group: DP x CP when the MPU has cp > 1 (CP ranks see other tokens of the same samples,
 so their gradients are partial too), DP otherwise. Gradients are scaled by 1/size before the sum:
 gloo has no AVG, and a pre-scaled fp16/bf16 sum stays in range.
+
+Expert parallelism: parameters marked ``expert_parallel`` (a rank's share of the MoE experts) sit
+in buckets of their own, summed over the expert-DP group (the MPU's ``expert_dp``: the ranks
+holding the same expert shard), and broadcast over it at wrap time. They are scaled by 1 / the
+*dense* group's size, as Megatron's ``expert_gradient_scaling_factor`` is: each dense replica saw
+1/dp of the tokens, while the expert-DP replicas of a shard together saw every token once (each
+one those of its EP group), so sum / dp is the gradient of the same loss as the dense ones'. With
+ZeRO the expert buckets are sharded over expert DP.
 
 Mixed precision (``precision.py``): with bf16/fp16 parameters the buckets are fp32 by default
 (``grad_dtype``), so micro-batches accumulate and the DP reduction runs in fp32 (or in bf16 on
@@ -57,19 +65,19 @@ per bucket, after the last micro-batch only). So do not also call
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from parallelkit.data_parallel.buckets import (DEFAULT_BUCKET_BYTES, Bucket,
                                                broadcast_from_first_rank_, check_replicas_agree,
-                                               describe_tensor, plan_buckets, unsyncable_parameter)
+                                               describe_tensor, is_expert_parallel, plan_buckets,
+                                               unsyncable_parameter)
 from parallelkit.data_parallel.precision import (bucket_grad_dtype, bucket_reduce_dtype,
-                                                 precision_error, start_reduction)
+                                                 precision_error, refuse_plain_optimizers,
+                                                 start_reduction)
 from parallelkit.distributed import comm, mpu
 from parallelkit.distributed.groups import resolve_group
 from parallelkit.tensor_parallel.sequence_parallel import (is_reduced_in_backward,
@@ -81,12 +89,30 @@ def default_dp_group() -> dist.ProcessGroup:
     return mpu.get_dp_group(with_context_parallel=mpu.get_cp_world_size() > 1)
 
 
+def resolve_expert_dp_group(module: nn.Module,
+                            group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """Where ``module``'s expert-parallel parameters are reduced: ``group`` if given, else the
+    MPU's expert-DP group; None for a model without any (a clear error if it has some and no
+    group is to be had)."""
+    name = next((n for n, p in module.named_parameters() if is_expert_parallel(p)), None)
+    if name is None or group is not None:
+        return group if name is not None else None
+    try:
+        return mpu.current().info("expert_dp").group
+    except ValueError as error:
+        raise ValueError(f"parameter {name!r} is expert-parallel (its gradient is reduced over "
+                         f"the expert-data-parallel group), but there is no such group: "
+                         f"{error}; or pass expert_dp_group= explicitly") from error
+
+
 class DistributedDataParallel(nn.Module):
     """Wraps ``module``; its trainable parameters' gradients become views into flat buckets.
 
     Args:
         module: the model, or this pipeline stage's part of it. Existing ``.grad`` are dropped.
         dp_group: the group gradients are averaged over; default :func:`default_dp_group`.
+        expert_dp_group: the group expert-parallel parameters' gradients are reduced over;
+            default the MPU's expert-DP group (looked up only if the model has such parameters).
         bucket_bytes: target bucket size in bytes (> 0); a bucket closes once it is reached.
         overlap_grad_reduce: start each bucket's collective from backward as soon as it is
             complete (True), or all of them in ``finish_grad_sync`` (False: sync after backward).
@@ -106,10 +132,12 @@ class DistributedDataParallel(nn.Module):
             parameters whose fp32 main grads are cast down for the collective and back after it.
     Raises ValueError, on every rank of the group, if the ranks' models differ (parameter
     names, shapes, dtypes, order), a parameter is where a bucket cannot sync it, or
-    ``grad_dtype``/``reduce_dtype`` make no sense for the model.
+    ``grad_dtype``/``reduce_dtype`` make no sense for the model; and if the model has expert
+    parameters but no expert-DP group is given or in the MPU.
     """
 
     def __init__(self, module: nn.Module, dp_group: dist.ProcessGroup | None = None, *,
+                 expert_dp_group: dist.ProcessGroup | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_grad_reduce: bool = True,
                  use_distributed_optimizer: bool = False,
                  tp_group: dist.ProcessGroup | None = None, sync_sequence_parallel: bool = True,
@@ -120,18 +148,24 @@ class DistributedDataParallel(nn.Module):
         self.module = module
         self.dp_group = dp_group if dp_group is not None else default_dp_group()
         self.dp_size = dist.get_world_size(self.dp_group)
+        self.expert_dp_group = resolve_expert_dp_group(module, expert_dp_group)
         self._check_replicas_agree(f"bucket_bytes={bucket_bytes}, "
                                    f"use_distributed_optimizer={use_distributed_optimizer}, "
                                    f"grad_dtype={grad_dtype}, reduce_dtype={reduce_dtype}",
                                    precision_error(module, grad_dtype, reduce_dtype))
-        if init_sync and self.dp_size > 1:
-            broadcast_from_first_rank_(list(module.parameters()), self.dp_group, bucket_bytes)
+        for group in self.reduction_groups if init_sync else []:
+            if dist.get_world_size(group) > 1:
+                broadcast_from_first_rank_([p for p in module.parameters()
+                                            if self._group_of(p) is group], group, bucket_bytes)
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
-        shards = self.dp_size if use_distributed_optimizer else 1
-        self.buckets = [Bucket.create(i, params, shards, own_params=use_distributed_optimizer,
-                                      grad_dtype=bucket_grad_dtype(params[0].dtype, grad_dtype))
-                        for i, params in enumerate(plans)]
+        self.buckets = []
+        for i, params in enumerate(plans):
+            group = self._group_of(params[0])
+            shards = dist.get_world_size(group) if use_distributed_optimizer else 1
+            self.buckets.append(Bucket.create(
+                i, params, shards, own_params=use_distributed_optimizer,
+                grad_dtype=bucket_grad_dtype(params[0].dtype, grad_dtype), group=group))
         self._reduce_dtypes = [bucket_reduce_dtype(b.grad_data, b.param_dtype, reduce_dtype)
                                for b in self.buckets]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
@@ -151,20 +185,38 @@ class DistributedDataParallel(nn.Module):
         self.sync_round = 0  # counts finish_grad_sync()s that synced and zero_grad_buffer()s
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
                        for b in self.buckets for p in b.params]
-        _refuse_plain_optimizers(self)
+        refuse_plain_optimizers(self)
+
+    @property
+    def reduction_groups(self) -> list[dist.ProcessGroup]:
+        """The distinct groups buckets are reduced over: the DP group, then the expert-DP group
+        if the model has expert parameters (and it is another group)."""
+        groups = [self.dp_group]
+        if self.expert_dp_group is not None and self.expert_dp_group is not self.dp_group:
+            groups.append(self.expert_dp_group)
+        return groups
+
+    def _group_of(self, param: nn.Parameter) -> dist.ProcessGroup:
+        return self.expert_dp_group if is_expert_parallel(param) else self.dp_group
 
     def _check_replicas_agree(self, options: str, precision: str | None) -> None:
-        """Every rank of the group must build the same buckets (else the first collective aborts
-        the process): same options, same parameters in the same order."""
-        entries = [("the wrapper's options", options)] + [
-            (f"parameter {name!r}", describe_tensor(p) + ("" if p.requires_grad else " frozen"))
-            for name, p in self.module.named_parameters()]
-        check_replicas_agree("DistributedDataParallel", entries, self.dp_group,
-                             local_error=unsyncable_parameter(self.module, self.dp_group)
-                             or precision,
-                             fix="every DP replica must hold the same model: build it "
-                                 "identically on every rank (same config, same parallel sizes) "
-                                 "before wrapping it")
+        """Every rank of each group must build the same buckets (else the first collective
+        aborts the process): same options, same parameters in the same order. The expert-DP
+        group need not lie inside the DP group (etp != tp), so it is checked on its own."""
+        def describe(p):
+            return (describe_tensor(p) + ("" if p.requires_grad else " frozen")
+                    + (" expert" if is_expert_parallel(p) else ""))
+        named = list(self.module.named_parameters())
+        for group in self.reduction_groups:
+            entries = [("the wrapper's options", options)] + [
+                (f"parameter {name!r}", describe(p)) for name, p in named
+                if group is self.dp_group or self._group_of(p) is group]
+            check_replicas_agree("DistributedDataParallel", entries, group,
+                                 local_error=unsyncable_parameter(self.module, group)
+                                 or precision,
+                                 fix="every DP replica must hold the same model: build it "
+                                     "identically on every rank (same config, same parallel "
+                                     "sizes) before wrapping it")
 
     def forward(self, *args, **kwargs):
         # Every rank runs forward, so this (unlike a gradient, which some rank may not get at
@@ -191,11 +243,12 @@ class DistributedDataParallel(nn.Module):
         """Start the collectives that have not started, wait for all of them.
 
         Afterwards every ``param.main_grad`` (and ``param.grad`` where it is the same view)
-        is the average over the DP group (with the distributed optimizer: each bucket's
-        ``grad_shard`` is this rank's averaged shard, and the views only this rank's own
-        gradient / size), except that a parameter no rank computed a gradient for has
-        ``.main_grad = None`` (and ``.grad = None``). A no-op when neither a forward through
-        this wrapper nor a gradient happened since the last call.
+        is the average over the DP group (an expert parameter's: the sum over the expert-DP group
+        / the DP size; with the distributed optimizer: each bucket's ``grad_shard`` is this
+        rank's averaged shard, and the views only this rank's own gradient / size), except that a
+        parameter no rank of its group computed a gradient for has ``.main_grad = None`` (and
+        ``.grad = None``). A no-op when neither a forward through this wrapper nor a gradient
+        happened since the last call.
         """
         if not self._sync_enabled:
             raise RuntimeError("finish_grad_sync() was called inside no_sync(): call it after "
@@ -223,14 +276,22 @@ class DistributedDataParallel(nn.Module):
         self.sync_round += 1
 
     def _used_on_any_rank(self) -> list[bool]:
-        """Per parameter (bucket order), whether some rank of the group computed a gradient."""
-        local = [id(p) in self._arrived for p in self.bucketed_parameters()]
-        if self.dp_size == 1 or not local:
-            return local
-        mask = torch.tensor(local, dtype=torch.uint8).to(self.buckets[0].grad_data.device)
-        everywhere = comm.all_reduce(mask, self.dp_group, op="max")
-        # Used here is used somewhere: such a rank joins the collective but need not wait on it.
-        return local if all(local) else [bool(v) for v in everywhere.tolist()]
+        """Per parameter (bucket order), whether some rank of its group computed a gradient:
+        one all-reduce per group (the DP group; the expert-DP group for expert parameters)."""
+        params = list(self.bucketed_parameters())
+        used = [id(p) in self._arrived for p in params]
+        for group in self.reduction_groups:
+            positions = [i for i, p in enumerate(params) if self._group_of(p) is group]
+            if dist.get_world_size(group) == 1 or not positions:
+                continue
+            local = [used[i] for i in positions]
+            mask = torch.tensor(local, dtype=torch.uint8).to(self.buckets[0].grad_data.device)
+            everywhere = comm.all_reduce(mask, group, op="max")
+            # Used here is used somewhere: such a rank joins the collective, need not wait on it.
+            if not all(local):
+                for i, value in zip(positions, everywhere.tolist()):
+                    used[i] = bool(value)
+        return used
 
     def check_grads_synced(self) -> None:
         """Raise unless every gradient that arrived has been synchronised (before a step)."""
@@ -332,36 +393,11 @@ class DistributedDataParallel(nn.Module):
             for view, total in zip(views, torch._utils._unflatten_dense_tensors(summed, views)):
                 view.copy_(total)
         if self.dp_size > 1:
+            # 1 / the dense size for expert buckets too (see the module docstring)
             bucket.grad_data.mul_(1.0 / self.dp_size)
         bucket.handle = start_reduction(bucket.grad_data, bucket.grad_shard,
-                                        self._reduce_dtypes[bucket.index], self.dp_group)
+                                        self._reduce_dtypes[bucket.index], bucket.group)
 
     def _name(self, param: nn.Parameter) -> str:
         return self._names.get(id(param), f"a parameter of shape {tuple(param.shape)}")
-
-
-def _refuse_plain_optimizers(ddp: DistributedDataParallel) -> None:
-    """A torch optimizer stepping half-precision parameters whose gradients live in fp32
-    ``main_grad`` buckets would see ``.grad = None`` and silently do nothing: make its step raise
-    (a global optimizer step pre-hook, removed when the wrapper is collected). The optimizers
-    that read ``main_grad`` step fp32 master copies, never these parameters."""
-    held = {id(p) for b in ddp.buckets if b.holds_main_grads for p in b.params}
-    if not held:
-        return
-    wrapper = weakref.ref(ddp)
-
-    def check(optimizer, args, kwargs):
-        if wrapper() is None:
-            return
-        for group in optimizer.param_groups:
-            if any(id(p) in held for p in group["params"]):
-                raise RuntimeError(
-                    f"{type(optimizer).__name__} steps bf16/fp16 parameters whose gradients "
-                    "DistributedDataParallel accumulates in fp32 param.main_grad (their .grad is "
-                    "None): use parallelkit.data_parallel.MixedPrecisionOptimizer (fp32 master "
-                    "weights) or DistributedOptimizer, or wrap with grad_dtype=<the parameters' "
-                    "dtype> to keep half-precision .grad")
-
-    handle = register_optimizer_step_pre_hook(check)
-    weakref.finalize(ddp, handle.remove)
 

@@ -118,14 +118,19 @@ class MixedPrecisionOptimizer(LossScaling):
         return [(param, master.grad) for param, master in self._pairs if master.grad is not None]
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0, *, tp_group=None,
-                       mp_group=None) -> torch.Tensor:
+                       mp_group=None, expert_mp_group=None) -> torch.Tensor:
         """Clip the fp32 master gradients by the global norm over TP x PP (MPU groups by
-        default; DP replicas hold the same averaged gradients); returns that norm. inf or nan
-        after an fp16 overflow, and then the step is skipped whatever the clip did."""
+        default; DP replicas hold the same averaged gradients), expert parameters' over the
+        expert tp x ep x pp group; returns that norm. inf or nan after an fp16 overflow, and
+        then the step is skipped whatever the clip did."""
         pieces = self._master_grads()
         mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
+        # decided by the model, not by which gradients are None on this rank
+        expert_groups = clip.expert_norm_groups(self.model.expert_dp_group is not None,
+                                                expert_mp_group)
         return clip.clip_grads_([p for p, _ in pieces], [g for _, g in pieces], max_norm,
-                                norm_type, tp_group=tp_group, sum_groups=[mp_group])
+                                norm_type, tp_group=tp_group, sum_groups=[mp_group],
+                                expert_sum_groups=expert_groups)
 
     @torch.no_grad()
     def step(self) -> bool:

@@ -1,6 +1,7 @@
 """What precision a gradient bucket accumulates and reduces in: the dtype policy of
 :class:`~parallelkit.data_parallel.ddp.DistributedDataParallel`'s ``grad_dtype`` and
-``reduce_dtype``, and the collective that reduces a bucket in a narrower dtype.
+``reduce_dtype``, the collective that reduces a bucket in a narrower dtype, and the guard that
+makes a plain torch optimizer given parameters with fp32 main grads raise.
 
 ``grad_dtype`` only concerns bf16/fp16 parameters (every other parameter's gradient keeps the
 parameter's dtype: a bucket never holds less precision than its parameters):
@@ -20,9 +21,12 @@ that have no half-precision parameter behind them, so it is refused.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from parallelkit.distributed import comm
 
@@ -104,3 +108,30 @@ def start_reduction(grad_data: torch.Tensor, grad_shard: torch.Tensor | None,
         return CastBackHandle(comm.all_reduce_async_(sent, group), grad_data)
     out = torch.empty(grad_shard.shape, dtype=dtype, device=grad_shard.device)
     return CastBackHandle(comm.reduce_scatter_async(sent, out, group), grad_shard)
+
+
+def refuse_plain_optimizers(ddp) -> None:
+    """A torch optimizer stepping half-precision parameters whose gradients live in fp32
+    ``main_grad`` buckets would see ``.grad = None`` and silently do nothing: make its step raise
+    (a global optimizer step pre-hook, removed when the wrapper ``ddp``, a
+    :class:`~parallelkit.data_parallel.ddp.DistributedDataParallel`, is collected). The
+    optimizers that read ``main_grad`` step fp32 master copies, never these parameters."""
+    held = {id(p) for b in ddp.buckets if b.holds_main_grads for p in b.params}
+    if not held:
+        return
+    wrapper = weakref.ref(ddp)
+
+    def check(optimizer, args, kwargs):
+        if wrapper() is None:
+            return
+        for group in optimizer.param_groups:
+            if any(id(p) in held for p in group["params"]):
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} steps bf16/fp16 parameters whose gradients "
+                    "DistributedDataParallel accumulates in fp32 param.main_grad (their .grad is "
+                    "None): use parallelkit.data_parallel.MixedPrecisionOptimizer (fp32 master "
+                    "weights) or DistributedOptimizer, or wrap with grad_dtype=<the parameters' "
+                    "dtype> to keep half-precision .grad")
+
+    handle = register_optimizer_step_pre_hook(check)
+    weakref.finalize(ddp, handle.remove)

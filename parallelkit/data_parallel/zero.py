@@ -7,9 +7,11 @@
     optimizer.step()                                 # update the shard, all-gather the parameters
     optimizer.zero_grad()
 
-Each bucket's flat buffer ``[numel]`` (``numel`` a multiple of the DP size p) splits into p equal
-shards; DP rank r owns ``[r * numel/p, (r+1) * numel/p)``. After the reduce-scatter in backward
-it holds the averaged gradient of just that range (``bucket.grad_shard``). The wrapped optimizer
+Each bucket's flat buffer ``[numel]`` (``numel`` a multiple of the size p of the bucket's group:
+the DP group, or the expert-DP group for a bucket of expert-parallel parameters) splits into p
+equal shards; the group's rank r owns ``[r * numel/p, (r+1) * numel/p)``. After the
+reduce-scatter in backward it holds the averaged gradient of just that range
+(``bucket.grad_shard``). The wrapped optimizer
 (torch's AdamW, unchanged) is built over *master* tensors: one view per parameter piece inside
 the range, cut from a flat master copy of the shard, so Adam's moments cost 1/p of the model per
 rank and per-parameter options (param groups) still apply. ``step`` updates the masters, writes
@@ -53,7 +55,7 @@ class Shard:
     """This rank's range ``[start, start + numel)`` of one bucket, in master precision."""
 
     bucket: Bucket
-    start: int
+    start: int                 # rank * numel/p, the rank in the bucket's group
     master: torch.Tensor       # [numel/p] master weights of the range
     master_grad: torch.Tensor  # [numel/p] their gradient (the bucket's grad_shard when same dtype)
     pieces: list[tuple[nn.Parameter, torch.Tensor]]  # (model parameter, its master view)
@@ -73,7 +75,7 @@ class DistributedOptimizer(LossScaling):
         grad_scaler: "auto" (a DynamicGradScaler when some parameter is fp16, else none), None,
             or a scaler of your own; see :class:`LossScaling` for ``scale_loss``.
         found_inf_groups: where an inf in some shard is agreed; default the MPU's mp group (if
-            initialized) and the model's DP group.
+            initialized) and the model's DP group (together every rank: expert shards too).
         **optimizer_kwargs: passed to ``optimizer_cls`` (lr, betas, weight_decay, ...).
     ``self.optimizer`` is the inner optimizer (give it to an LR scheduler).
     """
@@ -109,7 +111,8 @@ class DistributedOptimizer(LossScaling):
         self._copied_round = -1  # the model's sync round whose gradients the masters hold
 
     def _make_shard(self, bucket: Bucket, master_dtype: torch.dtype | None) -> Shard:
-        start = self.dp_rank * bucket.shard_numel
+        rank = dist.get_rank(bucket.group)
+        start = rank * bucket.shard_numel
         model_dtype = bucket.param_data.dtype
         dtype = master_dtype or (torch.float32 if model_dtype in (torch.bfloat16, torch.float16)
                                  else model_dtype)
@@ -117,7 +120,7 @@ class DistributedOptimizer(LossScaling):
         master_grad = (bucket.grad_shard if dtype == bucket.grad_shard.dtype
                        else torch.zeros_like(master))
         pieces, piece_grads = [], []
-        for param, lo, hi in bucket.shard_pieces(self.dp_rank):
+        for param, lo, hi in bucket.shard_pieces(rank):
             # A view of a tensor that does not require grad is a leaf: torch optimizers take it.
             piece = master[lo - start:hi - start]
             piece.grad = master_grad[lo - start:hi - start]
@@ -128,7 +131,8 @@ class DistributedOptimizer(LossScaling):
     @staticmethod
     def _check_ranks_agree(model, optimizer_cls, param_groups, group_of, master_dtype,
                            optimizer_kwargs) -> None:
-        """Each rank updates only its shard, so ranks given other options silently drift apart."""
+        """Each rank updates only its shard, so ranks given other options silently drift apart
+        (checked over each group that shares shards: DP, and expert DP)."""
         entries = [("the optimizer", f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}, "
                                      f"master_dtype={master_dtype}, {_describe(optimizer_kwargs)}")]
         entries += [(f"param_groups[{i}]'s options",
@@ -136,9 +140,10 @@ class DistributedOptimizer(LossScaling):
                     for i, group in enumerate(param_groups)]
         entries += [(f"the param group of {model._name(p)!r}", str(group_of[id(p)]))
                     for p in model.bucketed_parameters()]
-        check_replicas_agree("DistributedOptimizer", entries, model.dp_group,
-                             fix="every DP rank must build the optimizer with the same class, "
-                                 "param groups and options")
+        for group in model.reduction_groups:
+            check_replicas_agree("DistributedOptimizer", entries, group,
+                                 fix="every DP rank must build the optimizer with the same "
+                                     "class, param groups and options")
 
     @staticmethod
     def _group_index(model: DistributedDataParallel, param_groups) -> dict[int, int]:
@@ -177,17 +182,25 @@ class DistributedOptimizer(LossScaling):
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0, *,
                        tp_group: dist.ProcessGroup | None = None,
-                       mp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                       mp_group: dist.ProcessGroup | None = None,
+                       expert_mp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """Clip the shards' gradients by the global norm; returns that norm (before clipping).
 
         The shards are disjoint, so their norm² is summed over the DP group as well as over
-        the model-parallel group (MPU "mp" by default; TP-replicated parameters count once).
+        the model-parallel group (MPU "mp" by default; TP-replicated parameters count once);
+        expert shards' over the expert-DP group and the expert tp x ep x pp group
+        (``expert_mp_group``, MPU "expert_tp_ep_pp" by default). Pass ``expert_mp_group`` on a
+        pipeline stage without experts when other stages have some, so that it joins their sum.
         """
         pieces = self._master_grads()
         mp_group = mp_group if mp_group is not None else mpu.get_group("mp")
+        expert_dp_group = self.model.expert_dp_group
+        expert_groups = clip.expert_norm_groups(expert_dp_group is not None, expert_mp_group,
+                                                expert_dp_group)
         return clip.clip_grads_([p for p, _ in pieces], [g for _, g in pieces], max_norm,
                                 norm_type, tp_group=tp_group,
-                                sum_groups=[mp_group, self.model.dp_group])
+                                sum_groups=[mp_group, self.model.dp_group],
+                                expert_sum_groups=expert_groups)
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -203,7 +216,7 @@ class DistributedOptimizer(LossScaling):
         for shard in self.shards:
             bucket = shard.bucket
             bucket.param_data[shard.start:shard.start + bucket.shard_numel].copy_(shard.master)
-            handles.append(comm.all_gather_async_(bucket.param_data, self.model.dp_group))
+            handles.append(comm.all_gather_async_(bucket.param_data, bucket.group))
         for handle in handles:
             handle.wait()
         return True

@@ -20,6 +20,7 @@ from torch import nn
 from parallelkit.distributed import mappings
 from parallelkit.moe.experts import ACTIVATIONS, ExpertParallelExperts
 from parallelkit.moe.router import SCORES, Routing, route
+from parallelkit.tensor_parallel.sequence_parallel import mark_sequence_parallel
 
 
 class _AuxLossInGradient(torch.autograd.Function):
@@ -49,6 +50,9 @@ class MoELayer(nn.Module):
         aux_loss_group: group over which the loss's statistics are summed (or None).
         shared_intermediate: width of a shared expert applied to every token (None: none),
             gated by sigmoid(a linear of the token) when ``shared_gate`` (Qwen2-MoE).
+        sequence_parallel: the layer runs on this TP rank's tokens (sequence parallelism): the
+            router's and shared expert's gradients are then partial sums over TP, marked for
+            the sequence-parallel gradient sum (``register_sequence_parallel_grad_hooks``).
         ep_group, etp_group: default the MPU's.
     """
 
@@ -57,7 +61,7 @@ class MoELayer(nn.Module):
                  capacity_factor: float | None = None, aux_loss_coeff: float = 0.0,
                  aux_loss_group: dist.ProcessGroup | None = None,
                  shared_intermediate: int | None = None, shared_gate: bool = False,
-                 activation: str = "silu", ep_group: dist.ProcessGroup | None = None,
+                 activation: str = "silu", sequence_parallel: bool = False, ep_group: dist.ProcessGroup | None = None,
                  etp_group: dist.ProcessGroup | None = None, device=None, dtype=None):
         super().__init__()
         if score not in SCORES:
@@ -87,6 +91,10 @@ class MoELayer(nn.Module):
             if shared_gate:
                 self.shared["gate"] = nn.Linear(hidden, 1, bias=False, device=device,
                                                 dtype=dtype)
+        if sequence_parallel:
+            replicated = [p for name, p in self.named_parameters()
+                          if not name.startswith("experts.")]
+            mark_sequence_parallel(*replicated)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_routing: Routing | None = None
 

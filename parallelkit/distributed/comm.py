@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 # torch 2.14 renamed the single-tensor collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -86,12 +87,21 @@ def _nbytes(t: torch.Tensor) -> int:
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
+def compiling() -> bool:
+    """Inside ``torch.compile``'s tracing: collectives go through torch's functional
+    collectives (which the compiler understands) and the ranks-agree checks, which gather
+    Python objects, are left out of the graph (they run in eager steps)."""
+    return torch.compiler.is_compiling()
+
+
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> torch.Tensor:
     """Elementwise ``op`` ("sum" or "max") of ``x`` over the group, on every member."""
     if op not in _REDUCE_OPS:
         raise ValueError(f"op={op!r} must be one of {sorted(_REDUCE_OPS)}")
     if dist.get_world_size(group) == 1:
         return x
+    if compiling():
+        return funcol.all_reduce(x, op, group)
     _check_collective(group, "all_reduce", x, op=op)
     out = x.contiguous().clone()
     record_traffic("all_reduce", _nbytes(out), group)
@@ -104,6 +114,8 @@ def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Ten
     p = dist.get_world_size(group)
     if p == 1:
         return x
+    if compiling():
+        return funcol.all_gather_tensor(x.contiguous(), dim, group)
     _check_collective(group, "all_gather", x, dim=dim)
     front = x.movedim(dim, 0).contiguous()  # the single-tensor collective stacks along dim 0
     out = front.new_empty((p * front.shape[0], *front.shape[1:]))
@@ -117,6 +129,9 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch
     p = dist.get_world_size(group)
     if p == 1:
         return x
+    if compiling():
+        check_divisible(x, dim, p, "reduce-scatter")
+        return funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, group)
     _check_collective(group, "reduce_scatter", x,
                       lambda: check_divisible(x, dim, p, "reduce-scatter"), dim=dim)
     front = x.movedim(dim, 0).contiguous()
@@ -142,6 +157,11 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int,
     p = dist.get_world_size(group)
     if p == 1:
         return x
+    if compiling():
+        check_divisible(x, scatter_dim, p, "all-to-all")
+        front = funcol.all_to_all_single(x.movedim(scatter_dim, 0).contiguous(), None, None,
+                                         group)
+        return torch.cat(front.movedim(0, scatter_dim).chunk(p, scatter_dim), gather_dim)
     _check_collective(group, "all_to_all", x,
                       lambda: check_divisible(x, scatter_dim, p, "all-to-all"),
                       scatter_dim=scatter_dim, gather_dim=gather_dim)
@@ -216,6 +236,8 @@ def validation(enabled: bool = True) -> Iterator[None]:
 def validation_enabled(group: dist.ProcessGroup | None = None) -> bool:
     """Whether ops on ``group`` check that its ranks agree: a :func:`validation` block, else
     ``PARALLELKIT_CHECK_COLLECTIVES``, else on for gloo and off for NCCL."""
+    if compiling():
+        return False
     if _validation:
         return _validation[-1]
     setting = os.environ.get(CHECK_ENV, "").strip()
@@ -231,6 +253,9 @@ def validation_enabled(group: dist.ProcessGroup | None = None) -> bool:
 def entry_checked() -> Iterator[None]:
     """Inside the block this module's collectives skip their own check: the op around them
     checked its inputs at entry, and its collectives' shapes follow from those."""
+    if compiling():  # a compiled graph has no checks to skip
+        yield
+        return
     _local.entry_checked = getattr(_local, "entry_checked", 0) + 1
     try:
         yield

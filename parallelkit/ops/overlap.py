@@ -6,12 +6,17 @@ ring of tp steps (times ``chunks_per_rank``) in which one piece's matmul runs wh
 travels, so the communication hides behind the math. Each one's backward is the other: the input
 gradient of an all-gather matmul is a matmul reduce-scatter, and vice versa, and the weight
 gradient uses the gathered tensor the forward (or backward) ring produced anyway.
+
+The native rings are registered as the custom ops ``parallelkit::all_gather_matmul`` and
+``parallelkit::matmul_reduce_scatter`` (group by name, with fake kernels for their shapes), so
+``torch.compile`` puts them in its graph as they are instead of breaking the graph around them.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from parallelkit._native import native
 from parallelkit.distributed import comm
@@ -20,6 +25,48 @@ from parallelkit.ops.ring_transport import for_group as ring_transport_for
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def group_name(group: dist.ProcessGroup) -> str:
+    """The name a custom op takes a process group by (what torch's functional collectives use)."""
+    return c10d._get_process_group_name(group)
+
+
+@torch.library.custom_op("parallelkit::all_gather_matmul", mutates_args=())
+def _all_gather_matmul_op(rows: torch.Tensor, weight: torch.Tensor, group: str,
+                          chunks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all_gather(rows) @ weight^T, all_gather(rows)): rows [m, k], weight [n, k] → [tp·m, n],
+    [tp·m, k], over the process group named ``group``."""
+    pg = c10d._resolve_process_group(group)
+    comm.record_traffic("all_gather", rows.numel() * dist.get_world_size(pg) *
+                        rows.element_size(), pg)
+    return native.all_gather_matmul(rows, weight, pg, chunks_per_rank,
+                                    ring_transport_for(pg, rows.device, "all_gather_matmul"))
+
+
+@_all_gather_matmul_op.register_fake
+def _(rows, weight, group, chunks_per_rank):
+    tp = dist.get_world_size(c10d._resolve_process_group(group))
+    return (rows.new_empty((tp * rows.shape[0], weight.shape[0])),
+            rows.new_empty((tp * rows.shape[0], rows.shape[1])))
+
+
+@torch.library.custom_op("parallelkit::matmul_reduce_scatter", mutates_args=())
+def _matmul_reduce_scatter_op(rows: torch.Tensor, weight: torch.Tensor, group: str,
+                              chunks_per_rank: int) -> torch.Tensor:
+    """reduce_scatter(rows @ weight^T, dim 0): rows [m, k], weight [n, k] → [m/tp, n]."""
+    pg = c10d._resolve_process_group(group)
+    comm.record_traffic("reduce_scatter", rows.shape[0] * weight.shape[0] * rows.element_size(),
+                        pg)
+    return native.matmul_reduce_scatter(rows, weight, pg, chunks_per_rank,
+                                        ring_transport_for(pg, rows.device,
+                                                           "matmul_reduce_scatter"))
+
+
+@_matmul_reduce_scatter_op.register_fake
+def _(rows, weight, group, chunks_per_rank):
+    tp = dist.get_world_size(c10d._resolve_process_group(group))
+    return rows.new_empty((rows.shape[0] // tp, weight.shape[0]))
 
 
 class AllGatherMatmulFunction(torch.autograd.Function):
@@ -40,10 +87,8 @@ class AllGatherMatmulFunction(torch.autograd.Function):
         tp = dist.get_world_size(group)
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         if fused:
-            comm.record_traffic("all_gather", x.numel() * tp * x.element_size(), group)
-            y, gathered = native.all_gather_matmul(
-                _rows(x), weight, group, chunks_per_rank,
-                ring_transport_for(group, x.device, "all_gather_matmul"))
+            y, gathered = _all_gather_matmul_op(_rows(x), weight, group_name(group),
+                                                chunks_per_rank)
         else:
             with comm.entry_checked():
                 gathered = comm.all_gather(_rows(x), 0, group)
@@ -63,11 +108,8 @@ class AllGatherMatmulFunction(torch.autograd.Function):
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             grad_rows = _rows(grad_y)
             if ctx.fused:
-                comm.record_traffic("reduce_scatter", grad_rows.shape[0] * weight.shape[1] *
-                                    grad_y.element_size(), group)
-                grad_x = native.matmul_reduce_scatter(
-                    grad_rows, weight.t(), group, ctx.chunks,
-                    ring_transport_for(group, x.device, "matmul_reduce_scatter"))
+                grad_x = _matmul_reduce_scatter_op(grad_rows, weight.t(), group_name(group),
+                                                   ctx.chunks)
             else:
                 with comm.entry_checked():
                     grad_x = comm.reduce_scatter(grad_rows @ weight, 0, group)
@@ -86,11 +128,7 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, group, chunks_per_rank):
         tp = dist.get_world_size(group)
-        comm.record_traffic("reduce_scatter", x[..., :1].numel() * weight.shape[0] *
-                            x.element_size(), group)
-        y = native.matmul_reduce_scatter(_rows(x), weight, group, chunks_per_rank,
-                                         ring_transport_for(group, x.device,
-                                                            "matmul_reduce_scatter"))
+        y = _matmul_reduce_scatter_op(_rows(x), weight, group_name(group), chunks_per_rank)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.chunks = group, chunks_per_rank
         return y.view(x.shape[0] // tp, *x.shape[1:-1], weight.shape[0])
@@ -98,11 +136,8 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        tp = dist.get_world_size(ctx.group)
-        comm.record_traffic("all_gather", grad_y.numel() * tp * grad_y.element_size(), ctx.group)
-        grad_x, gathered_grad = native.all_gather_matmul(
-            _rows(grad_y), weight.t(), ctx.group, ctx.chunks,
-            ring_transport_for(ctx.group, grad_y.device, "all_gather_matmul"))
+        grad_x, gathered_grad = _all_gather_matmul_op(_rows(grad_y), weight.t(),
+                                                      group_name(ctx.group), ctx.chunks)
         grad_weight = gathered_grad.t() @ _rows(x)
         return grad_x.view(x.shape), grad_weight, None, None
 

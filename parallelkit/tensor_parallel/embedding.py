@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallelkit.distributed import mappings
+from parallelkit.distributed import comm, mappings
 from parallelkit.distributed.groups import bind_group
 from parallelkit.tensor_parallel.sharding import (check_positive_int, copy_shard_, divide,
                                                   new_parameter)
@@ -138,7 +138,9 @@ def _check_ids(ids: torch.Tensor, vocab: int, device: torch.device) -> None:
     if ids.numel() == 0:
         return
     in_range = (ids.min() >= 0) & (ids.max() < vocab)
-    if ids.is_cuda:  # no host sync on the GPU: the check fails the stream instead
+    # No host sync on the GPU, nor a data-dependent branch in a compiled graph: the check
+    # fails the stream (or the compiled step) instead.
+    if ids.is_cuda or comm.compiling():
         torch._assert_async(in_range, f"token ids must be in [0, {vocab})")
     elif not in_range:
         raise IndexError(f"token ids must be in [0, {vocab}), got min {ids.min().item()} and "

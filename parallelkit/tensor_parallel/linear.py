@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallelkit.distributed import mappings
+from parallelkit.distributed import comm, mappings
 from parallelkit.distributed.groups import bind_group
 from parallelkit.ops import overlap
 from parallelkit.tensor_parallel.sequence_parallel import mark_sequence_parallel
@@ -129,6 +129,8 @@ class _ParallelLinear(nn.Module):
         return mappings.sequence_dim_of(type(self).__name__, x.shape, self.sequence_dim)
 
     def _count_path(self, path: str) -> None:
+        if comm.compiling():  # bookkeeping for eager runs: not part of a compiled graph
+            return
         if not self.calls_by_path:
             logger.debug("%s (tp=%d) runs %s", type(self).__name__, self.tp, path)
         self.calls_by_path[path] += 1

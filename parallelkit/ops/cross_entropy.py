@@ -84,7 +84,11 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         fix="every TP rank must pass the logits of the same tokens (same sequence length and "
             "batch) and the same targets and options")
     n_local = logits.shape[-1]
-    if vocab_sizes is None:  # the slices may be uneven: learn each rank's size
+    if vocab_sizes is None and comm.compiling():
+        # A compiled graph cannot exchange Python ints: the slices are taken as even (as every
+        # parallelkit layer makes them); pass vocab_sizes for uneven ones.
+        vocab_sizes = (n_local,) * dist.get_world_size(group)
+    elif vocab_sizes is None:  # the slices may be uneven: learn each rank's size
         vocab_sizes = comm.all_gather_ints(group, n_local)
     vocab_sizes = tuple(int(v) for v in vocab_sizes)
     # Tokens are independent rows: take them in the logits' memory order, so that logits which
@@ -280,7 +284,9 @@ def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int,
               f"slices of {', '.join(map(str, vocab_sizes))} over tp {tp}")
     message = (f"targets must be class ids in [0, {vocab_size}) ({slices}) or "
                f"ignore_index={ignore_index}")
-    if targets.is_cuda:  # no host sync on the GPU: the check fails the stream instead
+    # No host sync on the GPU, nor a data-dependent branch in a compiled graph: the check fails
+    # the stream (or the compiled step) instead.
+    if targets.is_cuda or comm.compiling():
         torch._assert_async(~bad.any(), message)
     elif bad.any():
         where = int(bad.nonzero()[0])

@@ -22,6 +22,7 @@ import hashlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from parallelkit.distributed import comm
 from parallelkit.distributed.context_layout import check_sequence_length
@@ -50,70 +51,107 @@ def ring_step_masks(layout: PackedLayout, rank: int, causal: bool,
     return masks
 
 
+@torch.library.custom_op("parallelkit::ring_attention_forward", mutates_args=())
+def _ring_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str,
+                     causal: bool, cu_seqlens: list[int], layout: str,
+                     scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of this rank's queries over the whole ring, in the accumulation dtype."""
+    pg = c10d._resolve_process_group(group)
+    cp, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    masks = ring_step_masks(PackedLayout(tuple(cu_seqlens), cp, layout), rank, causal, q.device)
+    out = torch.zeros(q.shape, dtype=_accumulation(q), device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=_accumulation(q), device=q.device)
+    kv = torch.stack([k, v]).contiguous()  # one message per step carries both
+    incoming = torch.empty_like(kv)
+    transport = ring_transport_for(pg, q.device, "ring_attention")
+    for step in range(cp):
+        pending = None
+        if step + 1 < cp:  # pass the chunk on while we compute with it
+            pending = transport.start(kv, incoming, step)
+        if masks[step] is not None:
+            block_out, block_lse = attention_block_forward(q, kv[0], kv[1], ranges=masks[step],
+                                                           scale=scale)
+            merge_attention_partials_(out, lse, block_out, block_lse)
+        if pending is not None:
+            pending.wait()
+            kv, incoming = incoming, kv
+    return out, lse
+
+
+@_ring_forward_op.register_fake
+def _(q, k, v, group, causal, cu_seqlens, layout, scale):
+    return (q.new_empty(q.shape, dtype=_accumulation(q)),
+            q.new_empty(q.shape[:-1], dtype=_accumulation(q)))
+
+
+@torch.library.custom_op("parallelkit::ring_attention_backward", mutates_args=())
+def _ring_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, dout: torch.Tensor, group: str, causal: bool,
+                      cu_seqlens: list[int], layout: str,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the accumulation dtype, dk/dv back with their owner after the ring."""
+    pg = c10d._resolve_process_group(group)
+    cp, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    masks = ring_step_masks(PackedLayout(tuple(cu_seqlens), cp, layout), rank, causal, q.device)
+    dout = dout.to(out.dtype).contiguous()
+    dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)  # contiguous, as the fake says
+    kv = torch.stack([k, v]).contiguous()
+    kv_incoming = torch.empty_like(kv)
+    dkv_incoming = torch.empty(kv.shape, dtype=out.dtype, device=kv.device)
+    dkv_pending = None
+    transport = ring_transport_for(pg, q.device, "ring_attention backward")
+    for step in range(cp):
+        kv_pending = None
+        if step + 1 < cp:
+            kv_pending = transport.start(kv, kv_incoming, 2 * step)
+        if masks[step] is not None:
+            block_dq, dk, dv = attention_block_backward(q, kv[0], kv[1], out, dout, lse,
+                                                        ranges=masks[step], scale=scale)
+            dq += block_dq
+            contribution = torch.stack([dk, dv])
+        else:
+            contribution = torch.zeros_like(dkv_incoming)
+        # The dK/dV of the chunk in hand: what the ranks before us added, plus our part.
+        if dkv_pending is not None:
+            dkv_pending.wait()
+            contribution += dkv_incoming
+        dkv_incoming = torch.empty_like(contribution)
+        dkv_pending = transport.start(contribution, dkv_incoming, 2 * step + 1)
+        if kv_pending is not None:
+            kv_pending.wait()
+            kv, kv_incoming = kv_incoming, kv
+    dkv_pending.wait()  # after cp hops each chunk's gradient is back with its owner
+    return dq, dkv_incoming[0].clone(), dkv_incoming[1].clone()
+
+
+@_ring_backward_op.register_fake
+def _(q, k, v, out, lse, dout, group, causal, cu_seqlens, layout, scale):
+    return (q.new_empty(q.shape, dtype=out.dtype), k.new_empty(k.shape, dtype=out.dtype),
+            v.new_empty(v.shape, dtype=out.dtype))
+
+
+def _accumulation(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 class RingAttentionFunction(torch.autograd.Function):
+    """Ring attention's autograd around its two custom ops (``torch.compile`` keeps them whole
+    in its graph: the ring's transport and its masks stay opaque)."""
+
     @staticmethod
     def forward(ctx, q, k, v, cp_group, causal, layout, scale):
-        cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-        masks = ring_step_masks(layout, rank, causal, q.device)
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc_dtype, device=q.device)
-
-        kv = torch.stack([k, v]).contiguous()  # one message per step carries both
-        incoming = torch.empty_like(kv)
-        transport = ring_transport_for(cp_group, q.device, "ring_attention")
-        for step in range(cp):
-            pending = None
-            if step + 1 < cp:  # pass the chunk on while we compute with it
-                pending = transport.start(kv, incoming, step)
-            if masks[step] is not None:
-                block_out, block_lse = attention_block_forward(q, kv[0], kv[1],
-                                                               ranges=masks[step], scale=scale)
-                merge_attention_partials_(out, lse, block_out, block_lse)
-            if pending is not None:
-                pending.wait()
-                kv, incoming = incoming, kv
-
+        args = (c10d._get_process_group_name(cp_group), bool(causal), list(layout.cu_seqlens),
+                layout.layout, scale)
+        out, lse = _ring_forward_op(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cp_group, ctx.scale, ctx.masks = cp_group, scale, masks
+        ctx.args = args
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        cp_group, scale, masks = ctx.cp_group, ctx.scale, ctx.masks
-        cp = dist.get_world_size(cp_group)
-        dout = dout.to(out.dtype).contiguous()
-        dq = torch.zeros_like(q, dtype=out.dtype)
-
-        kv = torch.stack([k, v]).contiguous()
-        kv_incoming = torch.empty_like(kv)
-        dkv_incoming = torch.empty(kv.shape, dtype=out.dtype, device=kv.device)
-        dkv_pending = None
-        transport = ring_transport_for(cp_group, q.device, "ring_attention backward")
-        for step in range(cp):
-            kv_pending = None
-            if step + 1 < cp:
-                kv_pending = transport.start(kv, kv_incoming, 2 * step)
-            if masks[step] is not None:
-                block_dq, dk, dv = attention_block_backward(q, kv[0], kv[1], out, dout, lse,
-                                                            ranges=masks[step], scale=scale)
-                dq += block_dq
-                contribution = torch.stack([dk, dv])
-            else:
-                contribution = torch.zeros_like(dkv_incoming)
-            # The dK/dV of the chunk in hand: what the ranks before us added, plus our part.
-            if dkv_pending is not None:
-                dkv_pending.wait()
-                contribution += dkv_incoming
-            dkv_incoming = torch.empty_like(contribution)
-            dkv_pending = transport.start(contribution, dkv_incoming, 2 * step + 1)
-            if kv_pending is not None:
-                kv_pending.wait()
-                kv, kv_incoming = kv_incoming, kv
-        dkv_pending.wait()  # after cp hops each chunk's gradient is back with its owner
-        return (dq.to(q.dtype), dkv_incoming[0].to(k.dtype), dkv_incoming[1].to(v.dtype),
-                None, None, None, None)
+        dq, dk, dv = _ring_backward_op(q, k, v, out, lse, dout, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup,
@@ -166,14 +204,20 @@ def check_split(cu_seqlens, cp: int, layout: str, local_len: int,
     if position_ids is not None:
         expected = packed.positions(rank, device)
         given = position_ids.reshape(-1, position_ids.shape[-1])
-        if given.shape[-1] != local_len or not bool((given == expected).all()):
+        fix = ("split packed batches with split_packed and pass their cu_seqlens, and unpacked "
+               "ones with split_for_context_parallel / context_parallel_positions")
+        if given.shape[-1] != local_len:
+            raise ValueError(f"position_ids hold {given.shape[-1]} positions per row for "
+                             f"{local_len} tokens on this rank; {fix}")
+        if comm.compiling():  # no data-dependent branch in a compiled graph: fail the step
+            torch._assert_async((given == expected).all(), "position_ids do not match this "
+                                f"rank's tokens under the {layout!r} split; {fix}")
+        elif not bool((given == expected).all()):
             what = "global positions" if len(packed.cu_seqlens) == 2 else (
                 "positions within each document (cu_seqlens)")
             raise ValueError(f"position_ids do not match this rank's tokens under the "
                              f"{layout!r} split: expected the {what} {_head(expected)}, got "
-                             f"{_head(given[0])}; split packed batches with split_packed and "
-                             "pass their cu_seqlens, and unpacked ones with "
-                             "split_for_context_parallel / context_parallel_positions")
+                             f"{_head(given[0])}; {fix}")
     return packed
 
 

@@ -11,6 +11,7 @@
 #include "attention_merge/merge.h"
 #include "distributed/group_membership.h"
 #include "overlap/overlap.h"
+#include "overlap/overlap_ops.h"
 #include "ring/c10d_transport.h"
 #include "ring/slot_ring.h"
 
@@ -75,6 +76,10 @@ void bind_ring_transports(pybind11::module_& m) {
       .def("unlink", &SlotRing::unlink)
       .def_property_readonly("sender_stalls", &SlotRing::sender_stalls,
                              "Fragments whose slot was still full: back-pressure at work.");
+  m.def("register_ring_transport", &register_ring_transport, py::arg("group"),
+        py::arg("device_type"), py::arg("transport"),
+        "The transport torch.ops.parallelkit's overlap ops use for the group named `group` "
+        "and tensors of `device_type` ('cpu' or 'cuda').");
 }
 
 }  // namespace
@@ -109,14 +114,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY(parallelkit, m) {
   m.def("merge_attention_partials_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, "
         "Tensor block_lse) -> ()");
+  // The overlap rings, the group by name; their fake kernels are in parallelkit/ops/overlap.py.
+  m.def("all_gather_matmul(Tensor x_shard, Tensor weight, str group, int chunks_per_rank) -> "
+        "(Tensor, Tensor)");
+  m.def("matmul_reduce_scatter(Tensor x, Tensor weight, str group, int chunks_per_rank) -> "
+        "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(parallelkit, CPU, m) {
   m.impl("merge_attention_partials_", &parallelkit::merge_attention_partials_cpu);
+  m.impl("all_gather_matmul", &parallelkit::all_gather_matmul_op);
+  m.impl("matmul_reduce_scatter", &parallelkit::matmul_reduce_scatter_op);
 }
 
 #ifdef PARALLELKIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(parallelkit, CUDA, m) {
   m.impl("merge_attention_partials_", &parallelkit::merge_attention_partials_cuda);
+  m.impl("all_gather_matmul", &parallelkit::all_gather_matmul_op);
+  m.impl("matmul_reduce_scatter", &parallelkit::matmul_reduce_scatter_op);
 }
 #endif

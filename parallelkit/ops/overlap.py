@@ -7,9 +7,11 @@ travels, so the communication hides behind the math. Each one's backward is the 
 gradient of an all-gather matmul is a matmul reduce-scatter, and vice versa, and the weight
 gradient uses the gathered tensor the forward (or backward) ring produced anyway.
 
-The native rings are registered as the custom ops ``parallelkit::all_gather_matmul`` and
-``parallelkit::matmul_reduce_scatter`` (group by name, with fake kernels for their shapes), so
-``torch.compile`` puts them in its graph as they are instead of breaking the graph around them.
+The native rings are the dispatcher ops ``parallelkit::all_gather_matmul`` and
+``parallelkit::matmul_reduce_scatter`` (TORCH_LIBRARY in csrc/bindings.cpp, the group by name;
+their fake kernels below), so ``torch.compile`` puts them in its graph as they are. An eager call
+first picks the group's ring transport (``ring_transport.py`` registers it with the native side);
+a compiled graph uses the one registered, else the group's own send/recv.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from parallelkit._native import native
+import parallelkit._native  # noqa: F401  (loads _C: the ops' TORCH_LIBRARY registration)
 from parallelkit.distributed import comm
 from parallelkit.ops.ring_transport import for_group as ring_transport_for
 
@@ -32,38 +34,39 @@ def group_name(group: dist.ProcessGroup) -> str:
     return c10d._get_process_group_name(group)
 
 
-@torch.library.custom_op("parallelkit::all_gather_matmul", mutates_args=())
-def _all_gather_matmul_op(rows: torch.Tensor, weight: torch.Tensor, group: str,
+def _all_gather_matmul_op(rows: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup,
                           chunks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(all_gather(rows) @ weight^T, all_gather(rows)): rows [m, k], weight [n, k] → [tp·m, n],
-    [tp·m, k], over the process group named ``group``."""
-    pg = c10d._resolve_process_group(group)
-    comm.record_traffic("all_gather", rows.numel() * dist.get_world_size(pg) *
-                        rows.element_size(), pg)
-    return native.all_gather_matmul(rows, weight, pg, chunks_per_rank,
-                                    ring_transport_for(pg, rows.device, "all_gather_matmul"))
+    [tp·m, k], through ``torch.ops.parallelkit.all_gather_matmul``."""
+    if not comm.compiling():  # eager: pick (and register) the transport, count the bytes
+        ring_transport_for(group, rows.device, "all_gather_matmul")
+        comm.record_traffic("all_gather", rows.numel() * dist.get_world_size(group) *
+                            rows.element_size(), group)
+    return torch.ops.parallelkit.all_gather_matmul(rows, weight, group_name(group),
+                                                   chunks_per_rank)
 
 
-@_all_gather_matmul_op.register_fake
+def _matmul_reduce_scatter_op(rows: torch.Tensor, weight: torch.Tensor,
+                              group: dist.ProcessGroup, chunks_per_rank: int) -> torch.Tensor:
+    """reduce_scatter(rows @ weight^T, dim 0): rows [m, k], weight [n, k] → [m/tp, n], through
+    ``torch.ops.parallelkit.matmul_reduce_scatter``."""
+    if not comm.compiling():
+        ring_transport_for(group, rows.device, "matmul_reduce_scatter")
+        comm.record_traffic("reduce_scatter", rows.shape[0] * weight.shape[0] *
+                            rows.element_size(), group)
+    return torch.ops.parallelkit.matmul_reduce_scatter(rows, weight, group_name(group),
+                                                       chunks_per_rank)
+
+
+# The shapes of the native ops (registered in csrc/bindings.cpp) for torch.compile's tracing.
+@torch.library.register_fake("parallelkit::all_gather_matmul")
 def _(rows, weight, group, chunks_per_rank):
     tp = dist.get_world_size(c10d._resolve_process_group(group))
     return (rows.new_empty((tp * rows.shape[0], weight.shape[0])),
             rows.new_empty((tp * rows.shape[0], rows.shape[1])))
 
 
-@torch.library.custom_op("parallelkit::matmul_reduce_scatter", mutates_args=())
-def _matmul_reduce_scatter_op(rows: torch.Tensor, weight: torch.Tensor, group: str,
-                              chunks_per_rank: int) -> torch.Tensor:
-    """reduce_scatter(rows @ weight^T, dim 0): rows [m, k], weight [n, k] → [m/tp, n]."""
-    pg = c10d._resolve_process_group(group)
-    comm.record_traffic("reduce_scatter", rows.shape[0] * weight.shape[0] * rows.element_size(),
-                        pg)
-    return native.matmul_reduce_scatter(rows, weight, pg, chunks_per_rank,
-                                        ring_transport_for(pg, rows.device,
-                                                           "matmul_reduce_scatter"))
-
-
-@_matmul_reduce_scatter_op.register_fake
+@torch.library.register_fake("parallelkit::matmul_reduce_scatter")
 def _(rows, weight, group, chunks_per_rank):
     tp = dist.get_world_size(c10d._resolve_process_group(group))
     return rows.new_empty((rows.shape[0] // tp, weight.shape[0]))
@@ -87,8 +90,7 @@ class AllGatherMatmulFunction(torch.autograd.Function):
         tp = dist.get_world_size(group)
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         if fused:
-            y, gathered = _all_gather_matmul_op(_rows(x), weight, group_name(group),
-                                                chunks_per_rank)
+            y, gathered = _all_gather_matmul_op(_rows(x), weight, group, chunks_per_rank)
         else:
             with comm.entry_checked():
                 gathered = comm.all_gather(_rows(x), 0, group)
@@ -108,8 +110,7 @@ class AllGatherMatmulFunction(torch.autograd.Function):
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             grad_rows = _rows(grad_y)
             if ctx.fused:
-                grad_x = _matmul_reduce_scatter_op(grad_rows, weight.t(), group_name(group),
-                                                   ctx.chunks)
+                grad_x = _matmul_reduce_scatter_op(grad_rows, weight.t(), group, ctx.chunks)
             else:
                 with comm.entry_checked():
                     grad_x = comm.reduce_scatter(grad_rows @ weight, 0, group)
@@ -128,7 +129,7 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, group, chunks_per_rank):
         tp = dist.get_world_size(group)
-        y = _matmul_reduce_scatter_op(_rows(x), weight, group_name(group), chunks_per_rank)
+        y = _matmul_reduce_scatter_op(_rows(x), weight, group, chunks_per_rank)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.chunks = group, chunks_per_rank
         return y.view(x.shape[0] // tp, *x.shape[1:-1], weight.shape[0])
@@ -136,8 +137,8 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        grad_x, gathered_grad = _all_gather_matmul_op(_rows(grad_y), weight.t(),
-                                                      group_name(ctx.group), ctx.chunks)
+        grad_x, gathered_grad = _all_gather_matmul_op(_rows(grad_y), weight.t(), ctx.group,
+                                                      ctx.chunks)
         grad_weight = gathered_grad.t() @ _rows(x)
         return grad_x.view(x.shape), grad_weight, None, None
 

@@ -35,6 +35,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from parallelkit._native import native
 from parallelkit.distributed import comm
@@ -145,6 +146,9 @@ def for_group(group: dist.ProcessGroup, device: torch.device, op: str):
                 warnings.warn(f"{exc}; the ring ops fall back to c10d on this group")
                 kind, transport = "c10d", native.C10dRingTransport(group)
         _transports[key] = transport
+    # The native overlap ops (torch.ops.parallelkit.*) take the group by name and look the
+    # transport up: the one chosen last for this group and device type.
+    native.register_ring_transport(c10d._get_process_group_name(group), device.type, transport)
     kind = transport.name
     for counter in _counters:
         counter[(op, kind)] += 1

@@ -6,11 +6,13 @@ parallelism, with the fused overlap matmuls and the vocab-parallel loss.
     loss = model(input_ids, labels=labels).loss           # vocab-parallel cross-entropy
 
 The plan comes from the model's family (``parallelkit.models``: Llama, Mistral, Qwen2, Qwen3,
-Gemma, Phi-3, GPT-NeoX, GPT-2, TinyLM), else from the structural plan that recognises a standard
-decoder, else from ``plan={module-name pattern: ParallelStyle}`` (``parallelkit.parallel_styles``;
-patterns are ``fnmatch``-ed against ``model.named_modules()`` names). Each matching module is
-replaced by its parallel version built with ``from_dense``, which keeps this rank's shard of the
-existing weights, so the converted model computes what the original did.
+Gemma, Phi-3, GPT-NeoX, GPT-2, TinyLM; the mixtures of experts Mixtral, Qwen2-MoE and
+Qwen3-MoE, whose experts spread over the MPU's expert groups), else from the structural plan
+that recognises a standard decoder, else from ``plan={module-name pattern: ParallelStyle}``
+(``parallelkit.parallel_styles``; patterns are ``fnmatch``-ed against ``model.named_modules()``
+names). Each matching module is replaced by its parallel version built with ``from_dense``,
+which keeps this rank's shard of the existing weights, so the converted model computes what the
+original did.
 
 Guards: the head and key/value-head counts must divide tp; cp > 1 without context-parallel
 attention installed is an error, as is an attention mask with padding under cp > 1; subclasses of

@@ -61,7 +61,8 @@ class MoELayer(nn.Module):
                  capacity_factor: float | None = None, aux_loss_coeff: float = 0.0,
                  aux_loss_group: dist.ProcessGroup | None = None,
                  shared_intermediate: int | None = None, shared_gate: bool = False,
-                 activation: str = "silu", sequence_parallel: bool = False, ep_group: dist.ProcessGroup | None = None,
+                 activation: str = "silu", sequence_parallel: bool = False,
+                 ep_group: dist.ProcessGroup | None = None,
                  etp_group: dist.ProcessGroup | None = None, device=None, dtype=None):
         super().__init__()
         if score not in SCORES:

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallelkit.distributed import mappings
 from parallelkit.moe.experts import ACTIVATIONS, ExpertParallelExperts
-from parallelkit.moe.router import SCORES, Routing, route
+from parallelkit.moe.router import SCORES, Routing, load_balancing_loss, route
 from parallelkit.tensor_parallel.sequence_parallel import mark_sequence_parallel
 
 
@@ -117,18 +116,7 @@ class MoELayer(nn.Module):
 
     def load_balancing_loss(self, routing: Routing) -> torch.Tensor:
         """Switch's E · Σ_e f_e · P_e over this rank's tokens, or over ``aux_loss_group``'s."""
-        n_experts = self.experts.n_experts
-        chosen = routing.index.clamp(max=n_experts - 1).reshape(-1)
-        counts = torch.bincount(chosen, minlength=n_experts).to(routing.probs.dtype)
-        prob_sums = routing.probs.sum(0)
-        n_tokens = torch.tensor(float(routing.index.shape[0]), device=counts.device)
-        group = self.aux_loss_group
-        if group is not None and dist.get_world_size(group) > 1:
-            counts = mappings.reduce_from_tp_region(counts, group).detach()
-            n_tokens = mappings.reduce_from_tp_region(n_tokens, group).detach()
-            prob_sums = mappings.reduce_from_tp_region(prob_sums, group)
-        fraction = counts / (n_tokens * self.top_k)
-        return n_experts * (fraction * prob_sums / n_tokens).sum()
+        return load_balancing_loss(routing, self.experts.n_experts, self.aux_loss_group)
 
     def _shared(self, tokens: torch.Tensor) -> torch.Tensor:
         gate, up = self.shared["gate_up"](tokens).chunk(2, dim=-1)

@@ -23,7 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+
+from parallelkit.distributed import mappings
 
 SCORES = ("softmax", "sigmoid")
 
@@ -95,17 +97,23 @@ def _drop_over_capacity(index, weight, n_experts, capacity_factor):
     return torch.where(kept, index, n_experts), weight * kept
 
 
-def load_balancing_loss(routing: Routing, n_experts: int) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss E · Σ_e f_e · P_e over these tokens (1: balanced);
-    dropped assignments count where they were routed."""
-    n_tokens, top_k = routing.index.shape
-    if n_tokens == 0:
-        return routing.probs.sum() * 0.0
-    chosen = routing.index.clamp(max=n_experts - 1)  # a dropped one was still chosen
-    counts = torch.bincount(chosen.reshape(-1), minlength=n_experts).float()
+def load_balancing_loss(routing: Routing, n_experts: int,
+                        group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss E · Σ_e f_e · P_e over these tokens (1: balanced), or
+    over the tokens of every rank of ``group`` (the TP group under sequence parallelism, where a
+    sequence's tokens are split over it); dropped assignments count where they were routed."""
+    top_k = routing.index.shape[1]
+    chosen = routing.index.clamp(max=n_experts - 1).reshape(-1)  # a dropped one was chosen too
+    counts = torch.bincount(chosen, minlength=n_experts).to(routing.probs.dtype)
+    prob_sums = routing.probs.sum(0)
+    n_tokens = torch.tensor(float(routing.index.shape[0]), device=counts.device)
+    if group is not None and dist.get_world_size(group) > 1:
+        counts = mappings.reduce_from_tp_region(counts, group).detach()
+        n_tokens = mappings.reduce_from_tp_region(n_tokens, group).detach()
+        prob_sums = mappings.reduce_from_tp_region(prob_sums, group)  # backward: identity
+    n_tokens = n_tokens.clamp(min=1)
     fraction = counts / (n_tokens * top_k)
-    mean_prob = routing.probs.mean(0)
-    return n_experts * (fraction * mean_prob).sum()
+    return n_experts * (fraction * prob_sums / n_tokens).sum()
 
 
 def update_expert_bias(expert_bias: torch.Tensor, tokens_per_expert: torch.Tensor,
@@ -121,7 +129,3 @@ def tokens_per_expert(routing: Routing, n_experts: int) -> torch.Tensor:
     """[E] assignments kept per expert."""
     return torch.bincount(routing.index.reshape(-1), minlength=n_experts + 1)[:n_experts]
 
-
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[T, H] tokens against the router weight [E, H] → [T, E] logits."""
-    return F.linear(x, weight)

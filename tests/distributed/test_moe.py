@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from parallelkit import mpu
 from parallelkit.distributed import comm
-from parallelkit.moe import MoELayer, route
+from parallelkit.moe import MoELayer, load_balancing_loss, route
 from parallelkit.moe.experts import ExpertParallelExperts
 from parallelkit.reference.moe import (experts_reference, load_balancing_reference,
                                        route_reference)
@@ -165,16 +165,9 @@ def test_routing_and_load_balancing_against_references():
             kept = routing.index[routing.index < E]
             assert torch.bincount(kept, minlength=E).max() <= int(capacity_factor * 40 * 2 / E + 1)
             assert (routing.index == E).any()
-        layer_loss = MoELayer.load_balancing_loss(_LossOnly(), routing)
-        torch.testing.assert_close(layer_loss.double(),
+        torch.testing.assert_close(load_balancing_loss(routing, E).double(),
                                    load_balancing_reference(index, probs, E), rtol=1e-6,
                                    atol=0)
-
-
-class _LossOnly:
-    """What MoELayer.load_balancing_loss reads of the layer."""
-    experts = type("Experts", (), {"n_experts": E})()
-    top_k, aux_loss_group = 2, None
 
 
 def _bad_inputs():
@@ -197,3 +190,25 @@ def _bad_inputs():
 
 def test_bad_inputs_are_clear_errors():
     run_on_ranks(_bad_inputs, 4)
+
+
+def _load_balancing_over_a_group():
+    # Under sequence parallelism a sequence's tokens are split over TP: the loss over the
+    # group equals the loss over all its ranks' tokens at once, and so does its gradient.
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(7)
+    every = [torch.randn(6 + 2 * r, E, generator=g, dtype=torch.float64) for r in range(2)]
+    logits = every[rank].clone().requires_grad_()
+    loss = load_balancing_loss(route(logits, 2), E, dist.group.WORLD)
+    loss.backward()
+    full = torch.cat(every).requires_grad_()
+    index, _, probs = route_reference(full, 2)
+    expected = load_balancing_reference(index, probs, E)
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=0)
+    mine = full.grad.split([6, 8])[rank]
+    torch.testing.assert_close(logits.grad, mine, rtol=1e-10, atol=1e-14)
+
+
+def test_load_balancing_loss_over_a_group():
+    run_on_ranks(_load_balancing_over_a_group, 2)

@@ -103,19 +103,14 @@ def pairs(masks: list[KeyRanges | None]) -> int:
 
 
 def tiles(masks: list[KeyRanges | None]) -> int:
-    """The key tiles the forward kernel's 64-query programs visit (per head)."""
+    """The key tiles the forward kernel's 64-query programs visit (per head): each loops from
+    its rows' first key, rounded down to a tile, to their last."""
     total = 0
     for m in masks:
-        if m is None:
-            continue
-        live = m.key_end[0] > m.key_start[0]
-        pad = -live.numel() % TILE
-        first = torch.where(live, m.key_start[0], 2 ** 31 - 1)
-        first = torch.nn.functional.pad(first, (0, pad), value=2 ** 31 - 1)
-        last = torch.nn.functional.pad(torch.where(live, m.key_end[0], 0), (0, pad))
-        first, last = first.view(-1, TILE).amin(1), last.view(-1, TILE).amax(1)
-        begin = (first // TILE) * TILE
-        total += int(torch.where(last > 0, (last - begin + TILE - 1) // TILE, 0).sum())
+        if m is not None:
+            first, last = m.row_windows(TILE)
+            begin = torch.div(first, TILE, rounding_mode="floor") * TILE
+            total += int(torch.where(last > first, (last - begin + TILE - 1) // TILE, 0).sum())
     return total
 
 

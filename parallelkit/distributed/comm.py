@@ -87,6 +87,17 @@ def _nbytes(t: torch.Tensor) -> int:
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
+def group_name(group: dist.ProcessGroup) -> str:
+    """The name a dispatcher op takes a process group by (as torch's functional collectives
+    do; c10d resolves it back)."""
+    return dist.distributed_c10d._get_process_group_name(group)
+
+
+def group_by_name(name: str) -> dist.ProcessGroup:
+    """The process group :func:`group_name` named."""
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
 def compiling() -> bool:
     """Inside ``torch.compile``'s tracing: collectives go through torch's functional
     collectives (which the compiler understands) and the ranks-agree checks, which gather

@@ -96,20 +96,22 @@ class PackedLayout:
         """[S/cp] int64 document id of each of rank ``rank``'s tokens. With ``lengths``, the
         padding of document d is a document of its own (ids 2d real, 2d + 1 padding), so no
         real token sees it."""
-        index = self.token_index(rank)
-        bounds = torch.tensor(self.cu_seqlens)
-        doc = torch.searchsorted(bounds, index, right=True) - 1
+        doc, position = self._placed(rank)
         if self.lengths is not None:
-            padding = index - bounds[doc] >= torch.tensor(self.lengths)[doc]
-            doc = 2 * doc + padding.long()
+            doc = 2 * doc + (position >= torch.tensor(self.lengths)[doc]).long()
         return doc.to(device)
 
     def positions(self, rank: int, device=None) -> torch.Tensor:
         """[S/cp] int64 position of each of rank ``rank``'s tokens within its document (what
         rotary embeddings take: transformers' ``position_ids`` of a packed batch)."""
+        return self._placed(rank)[1].to(device)
+
+    def _placed(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(document, position within it) of each of rank ``rank``'s tokens, on the CPU."""
         index = self.token_index(rank)
         bounds = torch.tensor(self.cu_seqlens)
-        return (index - bounds[torch.searchsorted(bounds, index, right=True) - 1]).to(device)
+        doc = torch.searchsorted(bounds, index, right=True) - 1
+        return doc, index - bounds[doc]
 
     def step_visible(self, rank: int, kv_rank: int, causal: bool) -> bool:
         """Whether any query of ``rank`` sees a key of ``kv_rank`` (the same for every

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallelkit.distributed import comm
+from parallelkit.distributed.groups import resolve_group
 from parallelkit.moe.dispatch import combine, dispatch
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -43,8 +44,8 @@ class ExpertParallelExperts(nn.Module):
                  etp_group: dist.ProcessGroup | None = None, activation: str = "silu",
                  grouped_gemm: bool | None = None, device=None, dtype=None):
         super().__init__()
-        self.ep_group, self.etp_group = _expert_group(ep_group, "ep"), _expert_group(
-            etp_group, "expert_tp")
+        self.ep_group = resolve_group(ep_group, "ep")
+        self.etp_group = resolve_group(etp_group, "expert_tp")
         self.ep, self.etp = (dist.get_world_size(g) for g in (self.ep_group, self.etp_group))
         if n_experts % self.ep:
             raise ValueError(f"{n_experts} experts cannot be split over ep={self.ep} ranks: "
@@ -157,17 +158,6 @@ def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor,
     if out.requires_grad:  # its backward wants a dense gradient
         out.register_hook(lambda grad: grad.contiguous())
     return out
-
-
-def _expert_group(group, kind):
-    if group is not None:
-        return group
-    from parallelkit import mpu
-
-    if not mpu.is_initialized():
-        raise ValueError(f"parallelkit.mpu is not initialized: call mpu.initialize(..., ep=...) "
-                         f"or pass the {kind} group explicitly")
-    return getattr(mpu.current(), kind).group
 
 
 def _activation_name(experts: nn.Module) -> str:

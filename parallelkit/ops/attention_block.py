@@ -22,7 +22,6 @@ windows of 256 query rows against the keys they see, in float32 (float64 for flo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from parallelkit.ops._backend import use_triton
 from parallelkit.ops.attention_mask import KeyRanges, offset_ranges
@@ -140,15 +139,9 @@ def _grouped(x: torch.Tensor, n_kv_heads: int, acc: torch.dtype) -> torch.Tensor
 _ROWS = 256
 
 
-def _windows(ranges: KeyRanges, seq_q: int) -> list[tuple[slice, slice]]:
-    """(query rows, keys) of each window of _ROWS rows that sees any key: the union of its
-    rows' ranges over the batch."""
-    nonempty = ranges.key_end > ranges.key_start
-    first = torch.where(nonempty, ranges.key_start, torch.iinfo(torch.int32).max).amin(0)
-    last = torch.where(nonempty, ranges.key_end, 0).amax(0)
-    pad = -seq_q % _ROWS
-    first = F.pad(first, (0, pad), value=torch.iinfo(torch.int32).max).view(-1, _ROWS).amin(1)
-    last = F.pad(last, (0, pad), value=0).view(-1, _ROWS).amax(1)
+def _windows(ranges: KeyRanges) -> list[tuple[slice, slice]]:
+    """(query rows, keys) of each window of _ROWS rows that sees any key."""
+    first, last = ranges.row_windows(_ROWS)
     return [(slice(i * _ROWS, (i + 1) * _ROWS), slice(a, b))
             for i, (a, b) in enumerate(zip(first.tolist(), last.tolist())) if b > a]
 
@@ -164,7 +157,7 @@ def _forward_torch(q, k, v, ranges, scale):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-    for rows, keys in _windows(ranges, q.shape[2]):
+    for rows, keys in _windows(ranges):
         q_w = q[:, :, rows]
         s = _scores(q_w, k[:, :, keys], ~ranges.visible(rows, keys), scale, acc)
         lse_w = torch.logsumexp(s, dim=-1)
@@ -181,7 +174,7 @@ def _backward_torch(q, k, v, out, dout, lse, ranges, scale):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(k.shape, dtype=acc, device=q.device)
-    for rows, keys in _windows(ranges, q.shape[2]):
+    for rows, keys in _windows(ranges):
         q_w, k_w, v_w = q[:, :, rows], k[:, :, keys].to(acc), v[:, :, keys].to(acc)
         s = _scores(q_w, k_w, ~ranges.visible(rows, keys), scale, acc)
         lse_w = _grouped(lse[:, :, rows].unsqueeze(-1), n_kv_heads, acc)  # [B, Hkv, G·Sq, 1]

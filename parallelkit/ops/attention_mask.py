@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,20 @@ class KeyRanges:
         index = torch.arange(keys.start, keys.stop, device=self.key_start.device)
         return ((index >= self.key_start[:, rows, None].long())
                 & (index < self.key_end[:, rows, None].long()))
+
+    def row_windows(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, last): for each window of ``rows`` consecutive queries, the union over its
+        rows (and the batch) of their non-empty ranges, [first, last); first >= last where no
+        row sees a key. What a kernel program (or a torch-path window) of ``rows`` queries
+        loops over."""
+        nonempty = self.key_end > self.key_start
+        none = torch.iinfo(torch.int32).max
+        first = torch.where(nonempty, self.key_start, none).amin(0)
+        last = torch.where(nonempty, self.key_end, 0).amax(0)
+        pad = -first.numel() % rows
+        first = F.pad(first, (0, pad), value=none).view(-1, rows).amin(1)
+        last = F.pad(last, (0, pad), value=0).view(-1, rows).amax(1)
+        return first, last
 
     def any_visible(self) -> bool:
         return bool((self.key_end > self.key_start).any())

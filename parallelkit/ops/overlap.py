@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 import parallelkit._native  # noqa: F401  (loads _C: the ops' TORCH_LIBRARY registration)
 from parallelkit.distributed import comm
@@ -29,11 +28,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def group_name(group: dist.ProcessGroup) -> str:
-    """The name a custom op takes a process group by (what torch's functional collectives use)."""
-    return c10d._get_process_group_name(group)
-
-
 def _all_gather_matmul_op(rows: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup,
                           chunks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(all_gather(rows) @ weight^T, all_gather(rows)): rows [m, k], weight [n, k] → [tp·m, n],
@@ -42,7 +36,7 @@ def _all_gather_matmul_op(rows: torch.Tensor, weight: torch.Tensor, group: dist.
         ring_transport_for(group, rows.device, "all_gather_matmul")
         comm.record_traffic("all_gather", rows.numel() * dist.get_world_size(group) *
                             rows.element_size(), group)
-    return torch.ops.parallelkit.all_gather_matmul(rows, weight, group_name(group),
+    return torch.ops.parallelkit.all_gather_matmul(rows, weight, comm.group_name(group),
                                                    chunks_per_rank)
 
 
@@ -54,21 +48,21 @@ def _matmul_reduce_scatter_op(rows: torch.Tensor, weight: torch.Tensor,
         ring_transport_for(group, rows.device, "matmul_reduce_scatter")
         comm.record_traffic("reduce_scatter", rows.shape[0] * weight.shape[0] *
                             rows.element_size(), group)
-    return torch.ops.parallelkit.matmul_reduce_scatter(rows, weight, group_name(group),
+    return torch.ops.parallelkit.matmul_reduce_scatter(rows, weight, comm.group_name(group),
                                                        chunks_per_rank)
 
 
 # The shapes of the native ops (registered in csrc/bindings.cpp) for torch.compile's tracing.
 @torch.library.register_fake("parallelkit::all_gather_matmul")
 def _(rows, weight, group, chunks_per_rank):
-    tp = dist.get_world_size(c10d._resolve_process_group(group))
+    tp = dist.get_world_size(comm.group_by_name(group))
     return (rows.new_empty((tp * rows.shape[0], weight.shape[0])),
             rows.new_empty((tp * rows.shape[0], rows.shape[1])))
 
 
 @torch.library.register_fake("parallelkit::matmul_reduce_scatter")
 def _(rows, weight, group, chunks_per_rank):
-    tp = dist.get_world_size(c10d._resolve_process_group(group))
+    tp = dist.get_world_size(comm.group_by_name(group))
     return rows.new_empty((rows.shape[0] // tp, weight.shape[0]))
 
 

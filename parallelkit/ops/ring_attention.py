@@ -22,7 +22,6 @@ import hashlib
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 from parallelkit.distributed import comm
 from parallelkit.distributed.context_layout import check_sequence_length
@@ -56,7 +55,7 @@ def _ring_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: s
                      causal: bool, cu_seqlens: list[int], layout: str,
                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's queries over the whole ring, in the accumulation dtype."""
-    pg = c10d._resolve_process_group(group)
+    pg = comm.group_by_name(group)
     cp, rank = dist.get_world_size(pg), dist.get_rank(pg)
     masks = ring_step_masks(PackedLayout(tuple(cu_seqlens), cp, layout), rank, causal, q.device)
     out = torch.zeros(q.shape, dtype=_accumulation(q), device=q.device)
@@ -90,7 +89,7 @@ def _ring_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
                       cu_seqlens: list[int], layout: str,
                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the accumulation dtype, dk/dv back with their owner after the ring."""
-    pg = c10d._resolve_process_group(group)
+    pg = comm.group_by_name(group)
     cp, rank = dist.get_world_size(pg), dist.get_rank(pg)
     masks = ring_step_masks(PackedLayout(tuple(cu_seqlens), cp, layout), rank, causal, q.device)
     dout = dout.to(out.dtype).contiguous()
@@ -140,7 +139,7 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cp_group, causal, layout, scale):
-        args = (c10d._get_process_group_name(cp_group), bool(causal), list(layout.cu_seqlens),
+        args = (comm.group_name(cp_group), bool(causal), list(layout.cu_seqlens),
                 layout.layout, scale)
         out, lse = _ring_forward_op(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)

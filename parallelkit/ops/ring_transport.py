@@ -35,7 +35,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 from parallelkit._native import native
 from parallelkit.distributed import comm
@@ -148,7 +147,7 @@ def for_group(group: dist.ProcessGroup, device: torch.device, op: str):
         _transports[key] = transport
     # The native overlap ops (torch.ops.parallelkit.*) take the group by name and look the
     # transport up: the one chosen last for this group and device type.
-    native.register_ring_transport(c10d._get_process_group_name(group), device.type, transport)
+    native.register_ring_transport(comm.group_name(group), device.type, transport)
     kind = transport.name
     for counter in _counters:
         counter[(op, kind)] += 1
